@@ -1,0 +1,51 @@
+# Set-up on a fresh Debian machine: `make demo` and `make test` do everything.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+STAMP   := $(VENV)/.installed
+DEBS    := qemu-utils rsync xxhash strace python3-libvmdk python3-libvhdi libvhdi-utils
+APT_STAMP := $(VENV)/.debs
+
+.PHONY: install test demo bench proto lint clean debs
+
+install: $(STAMP) $(APT_STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# External oracles and baselines come from Debian; installed only when missing.
+$(APT_STAMP): $(STAMP)
+	@missing=""; \
+	command -v qemu-img >/dev/null || missing="yes"; \
+	command -v rsync >/dev/null || missing="yes"; \
+	command -v xxh128sum >/dev/null || missing="yes"; \
+	command -v strace >/dev/null || missing="yes"; \
+	/usr/bin/python3 -c 'import pyvmdk, pyvhdi' 2>/dev/null || missing="yes"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBS) >/dev/null; \
+	fi
+	touch $@
+
+test: install
+	$(BIN)/pytest -q -n 2 --benchmark-skip tests
+
+demo: install
+	$(BIN)/replication demo
+
+bench: install
+	$(BIN)/pytest -q benchmarks --benchmark-only
+
+proto: install
+	@echo "no .proto files yet"
+
+lint: install
+	$(BIN)/ruff check replication agents tests benchmarks
+	$(BIN)/ruff format --check replication agents tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

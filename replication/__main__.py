@@ -1,0 +1,7 @@
+"""``python -m replication`` is the ``replication`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

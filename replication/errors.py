@@ -1,0 +1,199 @@
+"""One error hierarchy for the whole engine.
+
+Every error raised on purpose is a :class:`ReplicationError`. Each class has:
+
+* ``code``: a stable dotted string (``disk.corrupt_header``). Codes are part of the
+  public contract: logs, the CLI's ``--json`` output and (later) gRPC error details
+  carry them. A code is never reused for another meaning.
+* ``exit_status``: what the CLI exits with when this error ends a command.
+* ``retryable``: whether trying the same operation again may succeed.
+* the class docstring: one line saying what happened, used to generate
+  ``docs/errors.md``.
+
+Classes are split by *what the caller should do*: fix the input (format and range
+errors), fix the environment (snapshots, disk full), or retry (transient I/O).
+Always chain the cause: ``raise DiskIOError("read extent: ...") from err``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "ERRORS_BY_CODE",
+    "ChecksumMismatch",
+    "ConfigError",
+    "CorruptHeaderError",
+    "DiskError",
+    "DiskFullError",
+    "DiskHasSnapshotsError",
+    "DiskIOError",
+    "DiskReadOnlyError",
+    "DiskSizeMismatchError",
+    "FrameAuthError",
+    "FrameError",
+    "FrameFormatError",
+    "FrameSequenceError",
+    "FrameTruncatedError",
+    "HashMapFormatError",
+    "OutOfRangeError",
+    "ReplicationError",
+    "UnsupportedFormatError",
+    "UsageError",
+]
+
+#: code -> class, filled in as classes are defined; one registry for every boundary.
+ERRORS_BY_CODE: dict[str, type[ReplicationError]] = {}
+
+
+class ReplicationError(Exception):
+    """An error of the replication engine."""
+
+    code: ClassVar[str] = "replication.error"
+    exit_status: ClassVar[int] = 1
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.code in ERRORS_BY_CODE:
+            raise TypeError(f"error code {cls.code!r} is already used")
+        ERRORS_BY_CODE[cls.code] = cls
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} (hint: {self.hint})"
+        return self.message
+
+    def to_dict(self) -> dict[str, str | None]:
+        """Return the error as a JSON-friendly record (code, message, hint)."""
+        return {"code": self.code, "message": self.message, "hint": self.hint}
+
+
+ERRORS_BY_CODE[ReplicationError.code] = ReplicationError
+
+
+class UsageError(ReplicationError):
+    """The command line or API call was malformed."""
+
+    code = "usage.invalid"
+    exit_status = 2
+
+
+class ConfigError(ReplicationError):
+    """A configuration value is missing or invalid."""
+
+    code = "config.invalid"
+    exit_status = 2
+
+
+# --- disks -----------------------------------------------------------------
+
+
+class DiskError(ReplicationError):
+    """A disk image or device could not be used."""
+
+    code = "disk.error"
+    exit_status = 3
+
+
+class UnsupportedFormatError(DiskError):
+    """The disk's format or subformat is not supported for this operation."""
+
+    code = "disk.unsupported_format"
+
+
+class CorruptHeaderError(DiskError):
+    """A disk header, footer, descriptor or table is corrupt or hostile."""
+
+    code = "disk.corrupt_header"
+
+
+class DiskReadOnlyError(DiskError):
+    """The disk was opened read-only or its format cannot be written."""
+
+    code = "disk.read_only"
+
+
+class DiskHasSnapshotsError(DiskError):
+    """The disk belongs to a snapshot chain; writing it would corrupt the chain."""
+
+    code = "disk.has_snapshots"
+    exit_status = 4
+
+
+class OutOfRangeError(DiskError):
+    """An offset or length lies outside the disk."""
+
+    code = "disk.out_of_range"
+
+
+class DiskSizeMismatchError(DiskError):
+    """The target disk is smaller than the source disk."""
+
+    code = "disk.size_mismatch"
+
+
+class DiskIOError(DiskError):
+    """The operating system failed a read, write or flush."""
+
+    code = "disk.io"
+    retryable = True
+
+
+class DiskFullError(DiskIOError):
+    """No space is left on the device that holds the disk."""
+
+    code = "disk.full"
+    retryable = False
+
+
+# --- block pipeline -------------------------------------------------------------
+
+
+class HashMapFormatError(ReplicationError):
+    """A hash map file is corrupt, truncated or of another version."""
+
+    code = "hashmap.format"
+    exit_status = 3
+
+
+class FrameError(ReplicationError):
+    """A block frame could not be decoded."""
+
+    code = "frame.error"
+    exit_status = 5
+
+
+class FrameFormatError(FrameError):
+    """A frame has a bad magic, version, codec or field value."""
+
+    code = "frame.format"
+
+
+class FrameTruncatedError(FrameError):
+    """A frame is shorter than its header says."""
+
+    code = "frame.truncated"
+
+
+class FrameAuthError(FrameError):
+    """A frame failed authentication: tampered, bound to other metadata, or wrong key."""
+
+    code = "frame.auth"
+
+
+class ChecksumMismatch(FrameError):
+    """The plaintext of a frame does not match its XXH3-128 digest."""
+
+    code = "frame.checksum"
+
+
+class FrameSequenceError(FrameError):
+    """A frame's sequence number was reused or went backwards."""
+
+    code = "frame.sequence"
