@@ -20,7 +20,16 @@ from ..errors import UnsupportedFormatError
 from .base import Disk, DiskInfo, Extent
 from .raw import RawDisk, create_raw, open_raw
 
-__all__ = ["FORMATS", "Disk", "DiskInfo", "Extent", "RawDisk", "detect_format", "open_disk"]
+__all__ = [
+    "FORMATS",
+    "Disk",
+    "DiskInfo",
+    "Extent",
+    "RawDisk",
+    "create_disk",
+    "detect_format",
+    "open_disk",
+]
 
 FORMATS = ("raw", "vhd", "vmdk")
 
