@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 DEBS    := qemu-utils rsync xxhash strace python3-libvmdk python3-libvhdi libvhdi-utils
 APT_STAMP := $(VENV)/.debs
 
-.PHONY: install test demo bench proto lint clean debs
+.PHONY: install test demo bench proto lint clean docs
 
 install: $(STAMP) $(APT_STAMP)
 
@@ -46,6 +46,9 @@ proto: install
 lint: install
 	$(BIN)/ruff check replication agents tests benchmarks
 	$(BIN)/ruff format --check replication agents tests benchmarks
+
+docs: install
+	$(PYTHON) -c "from replication.errors import render_error_table as r; open('docs/errors.md','w').write(r())"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -40,6 +40,7 @@ __all__ = [
     "ReplicationError",
     "UnsupportedFormatError",
     "UsageError",
+    "render_error_table",
 ]
 
 #: code -> class, filled in as classes are defined; one registry for every boundary.
@@ -197,3 +198,22 @@ class FrameSequenceError(FrameError):
     """A frame's sequence number was reused or went backwards."""
 
     code = "frame.sequence"
+
+
+def render_error_table() -> str:
+    """Return ``docs/errors.md``: every error code with its class, exit status and meaning."""
+    lines = [
+        "# Error codes",
+        "",
+        "Generated from `replication/errors.py` by `make docs`; do not edit by hand.",
+        "",
+        "| code | class | exit status | retryable | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for code, cls in sorted(ERRORS_BY_CODE.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines.append(
+            f"| `{code}` | `{cls.__name__}` | {cls.exit_status} | "
+            f"{'yes' if cls.retryable else 'no'} | {doc} |"
+        )
+    return "\n".join(lines) + "\n"
