@@ -96,7 +96,7 @@ def test_load_hex_secret(tmp_path: Path, text: str) -> None:
 def test_short_hex_secret(tmp_path: Path) -> None:
     p = tmp_path / "k"
     p.write_text(os.urandom(31).hex() + "\n")
-    with pytest.raises(ConfigError, match="hex secret .* 31 bytes"):
+    with pytest.raises(ConfigError, match=r"hex secret .* 31 bytes"):
         load_secret(p)
 
 

@@ -1,0 +1,239 @@
+"""Hosted sparse extents (``KDMV``): header, grain directory and tables, reads.
+
+The grain tables are loaded at open into one flat ``numpy.uint32`` array ``gte``
+(one entry per grain; ``numpy.zeros`` is lazily backed, so unallocated tables cost
+no memory). Every table is validated against the file size first: a GD entry must
+point inside the file, tables must not overlap, grains must lie between
+``overHead`` and the end of the file.
+
+GTE meaning: 0 = unallocated (parent or zeros), 1 = zeroed grain (only with
+version >= 2 and flags bit 2), otherwise the sector of the grain in this file.
+Writes live in :mod:`.allocate`; compressed (streamOptimized) grains in :mod:`.stream`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from ...errors import CorruptHeaderError, DiskReadOnlyError
+from .extent import HoleFiller, VmdkExtent, fsync, pread_bytes, pread_full, zero_fill
+from .header import GD_AT_END, SECTOR, UNCLEAN_SHUTDOWN_OFFSET, SparseHeader
+
+__all__ = ["SparseExtent", "read_sparse_header"]
+
+#: read at most this many bytes of contiguous grain tables per pread at open
+_TABLE_READ = 8 << 20
+
+# grain kinds, per grain
+HOLE, ZERO, DATA = 0, 1, 2
+
+
+def read_sparse_header(fd: int, file_size: int, where: str) -> SparseHeader:
+    """Read and validate the header (and the footer copy for GD_AT_END files)."""
+    header = SparseHeader.parse(pread_bytes(fd, SECTOR, 0, where), where)
+    header.validate(file_size, where)
+    if header.gd_offset == GD_AT_END:
+        # streamOptimized written by VMware: the footer (a header copy with the real
+        # gdOffset) sits at EOF-1024, followed by the end-of-stream marker.
+        if file_size < 3 * SECTOR:
+            raise CorruptHeaderError(f"{where}: GD_AT_END but the file has no footer")
+        footer = SparseHeader.parse(pread_bytes(fd, SECTOR, file_size - 2 * SECTOR, where), where)
+        footer.validate(file_size, f"{where} (footer)", footer=True)
+        header = header.with_gd_offset(footer.gd_offset)
+    header.validate(file_size, where, footer=True)
+    return header
+
+
+class SparseExtent(VmdkExtent):
+    """One hosted sparse extent file."""
+
+    kind = "sparse"
+
+    def __init__(self, path: str, fd: int, header: SparseHeader, length: int, *, writable: bool):
+        super().__init__(path, fd, length, writable=writable)
+        self.header = header
+        self.grain_bytes = header.grain_bytes
+        self.grain_sectors = header.grain_size
+        self.file_size = os.fstat(fd).st_size
+        self.gd = np.zeros(0, dtype=np.uint32)
+        self.rgd: np.ndarray | None = None
+        self.gte = np.zeros(0, dtype=np.uint32)
+        self.session_open = False  # uncleanShutdown set on disk
+        self.hole_is_zero = True  # False for a child: holes read the parent
+        self._stream = None
+        if header.compressed:
+            from .stream import CompressedGrains
+
+            self._stream = CompressedGrains(self)
+        self._load_tables()
+
+    # -- loading and validation -----------------------------------------------------------
+
+    def _load_tables(self) -> None:
+        h, where = self.header, self.path
+        self.gd = self._read_directory(h.gd_offset, "grain directory")
+        if h.redundant and self.writable:
+            self.rgd = self._read_directory(h.rgd_offset, "redundant grain directory")
+        self._validate_directory(self.gd, "GD")
+        if self.rgd is not None:
+            self._validate_directory(self.rgd, "RGD")
+            if not np.array_equal(self.gd == 0, self.rgd == 0):
+                raise CorruptHeaderError(f"{where}: GD and redundant GD disagree")
+        # lazily backed: only tables actually read touch memory
+        self.gte = np.zeros(h.gd_entries * h.num_gtes_per_gt, dtype=np.uint32)
+        self._read_tables()
+        self.gte = self.gte[: h.grains]
+        self._validate_entries()
+
+    def _read_directory(self, sector: int, what: str) -> np.ndarray:
+        n = self.header.gd_entries
+        raw = pread_bytes(self.fd, n * 4, sector * SECTOR, self.path)
+        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+    def _validate_directory(self, gd: np.ndarray, name: str) -> None:
+        """GD entries must point at distinct, non-overlapping tables inside the file."""
+        h, where = self.header, self.path
+        used = np.sort(gd[gd != 0].astype(np.int64))
+        if used.size == 0:
+            return
+        if used[-1] + h.gt_sectors > self.file_size // SECTOR:
+            raise CorruptHeaderError(f"{where}: {name} entry points past end of file")
+        if used[0] < 1:
+            raise CorruptHeaderError(f"{where}: {name} entry points into the header")
+        if used.size > 1 and np.any(np.diff(used) < h.gt_sectors):
+            raise CorruptHeaderError(f"{where}: {name} entries share or overlap grain tables")
+
+    def _read_tables(self) -> None:
+        """Read every allocated grain table, coalescing tables that follow each other."""
+        h = self.header
+        n, gt_bytes = h.num_gtes_per_gt, h.gt_sectors * SECTOR
+        idx = np.flatnonzero(self.gd)
+        i = 0
+        while i < len(idx):
+            j = i + 1  # extend the run while the next table follows on disk and in index
+            while (
+                j < len(idx)
+                and idx[j] == idx[j - 1] + 1
+                and int(self.gd[idx[j]]) == int(self.gd[idx[j - 1]]) + h.gt_sectors
+                and (j - i + 1) * gt_bytes <= _TABLE_READ
+            ):
+                j += 1
+            first, count = int(idx[i]), j - i
+            raw = pread_bytes(self.fd, count * gt_bytes, int(self.gd[first]) * SECTOR, self.path)
+            tables = np.frombuffer(raw, dtype="<u4").reshape(count, gt_bytes // 4)[:, :n]
+            self.gte[first * n : (first + count) * n] = tables.reshape(-1)
+            i = j
+
+    def _validate_entries(self) -> None:
+        h, where = self.header, self.path
+        data = self.gte[self._kinds(self.gte) == DATA].astype(np.int64)
+        if data.size == 0:
+            return
+        if data.min() < max(h.overhead, 1):
+            raise CorruptHeaderError(f"{where}: grain table entry points into metadata")
+        if data.max() >= self.file_size // SECTOR:
+            raise CorruptHeaderError(f"{where}: grain table entry points past end of file")
+        if self.writable and np.unique(data).size != data.size:
+            raise CorruptHeaderError(f"{where}: two grain table entries share one grain")
+
+    def _kinds(self, entries: np.ndarray) -> np.ndarray:
+        kinds = np.full(entries.shape, DATA, dtype=np.uint8)
+        kinds[entries == 0] = HOLE
+        if self.header.zeroed_grain:
+            kinds[entries == 1] = ZERO
+        return kinds
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def runs(self, first: int, last: int) -> Iterator[tuple[int, int, int, int]]:
+        """Yield (kind, first grain, grain count, sector) for grains [first, last).
+
+        A DATA run holds grains stored back to back in the file, so it is one read.
+        """
+        ent = self.gte[first:last].astype(np.int64)
+        kinds = self._kinds(ent)
+        brk = kinds[1:] != kinds[:-1]
+        if self._stream is None:  # consecutive grains contiguous in the file
+            brk |= (kinds[1:] == DATA) & (ent[1:] != ent[:-1] + self.grain_sectors)
+        else:  # each compressed grain is read on its own
+            brk |= kinds[1:] == DATA
+        starts = np.concatenate(([0], np.flatnonzero(brk) + 1, [len(ent)]))
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            yield int(kinds[a]), first + a, b - a, int(ent[a])
+
+    def read_into(self, offset: int, view: memoryview, hole: HoleFiller = zero_fill) -> None:
+        gb = self.grain_bytes
+        end = offset + len(view)
+        for kind, g, count, sector in self.runs(offset // gb, -(-end // gb)):
+            lo, hi = max(offset, g * gb), min(end, (g + count) * gb)
+            sub = view[lo - offset : hi - offset]
+            if kind == HOLE:
+                hole(lo, sub)
+            elif kind == ZERO:
+                zero_fill(lo, sub)
+            elif self._stream is not None:
+                self._stream.read_grain(g, sector, lo - g * gb, sub)
+            else:
+                pread_full(self.fd, sub, sector * SECTOR + lo - g * gb, self.path)
+
+    def iter_extents(self) -> Iterator[tuple[int, int, bool]]:
+        gb = self.grain_bytes
+        kinds = self._kinds(self.gte)
+        nonzero = kinds == DATA
+        if not self.hole_is_zero:  # a child: unallocated grains show the parent's data
+            nonzero |= kinds == HOLE
+        brk = np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1
+        starts = np.concatenate(([0], brk, [len(nonzero)]))
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            lo, hi = a * gb, min(b * gb, self.length)
+            if hi > lo:
+                yield (lo, hi - lo, not bool(nonzero[a]))
+
+    def allocated_bytes(self) -> int:
+        return int(np.count_nonzero(self._kinds(self.gte) == DATA)) * self.grain_bytes
+
+    # -- writes (see allocate.py) --------------------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if not self.writable or self._stream is not None:
+            raise DiskReadOnlyError(f"{self.path}: extent is read-only")
+
+    def write(self, offset: int, view: memoryview) -> None:
+        from .allocate import write_sparse
+
+        self._require_writable()
+        self.begin_session()
+        write_sparse(self, offset, view)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        from .allocate import zero_sparse
+
+        self._require_writable()
+        self.begin_session()
+        zero_sparse(self, offset, length)
+
+    def begin_session(self) -> None:
+        """Set uncleanShutdown=1 before the first change (VMware semantics)."""
+        if not self.session_open:
+            self._set_unclean(1)
+            self.session_open = True
+        self.dirty = True
+
+    def flush(self) -> None:
+        """fsync, then clear uncleanShutdown and fsync again."""
+        if not self.dirty:
+            return
+        fsync(self.fd, self.path)
+        if self.session_open:
+            self._set_unclean(0)
+            fsync(self.fd, self.path)
+            self.session_open = False
+        self.dirty = False
+
+    def _set_unclean(self, value: int) -> None:
+        from .extent import pwrite_full
+
+        pwrite_full(self.fd, bytes([value]), UNCLEAN_SHUTDOWN_OFFSET, self.path)
