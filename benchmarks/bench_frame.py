@@ -21,6 +21,7 @@ DISK = bytes(range(16))
 LEVELS = [-1, 1, 3]
 KINDS = ["zeros", "random", "mix"]
 
+
 def _mix(size: int, seed: int = 7) -> bytes:
     """Per 64 KiB block: ~30 % zeros, 25 % text, 29 % binary-like, 16 % random.
 

@@ -120,7 +120,7 @@ def _check_descriptor(path: str, desc: Descriptor, writable: bool) -> None:
             raise UnsupportedFormatError(
                 f"{path}: {ext.type} snapshot extents cannot be read; consolidate the snapshots"
             )
-        if ext.type not in ("SPARSE", "FLAT", "VMFS", "ZERO") | SNAPSHOT_EXTENT_TYPES:
+        if ext.type not in {"SPARSE", "FLAT", "VMFS", "ZERO"} | SNAPSHOT_EXTENT_TYPES:
             raise UnsupportedFormatError(f"{path}: extent type {ext.type} is not supported")
         if ext.access == "NOACCESS":
             raise UnsupportedFormatError(f"{path}: extent with NOACCESS")
