@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from images import mutate_image, write_image  # noqa: E402
+from images import mutate_image, write_image
 
 SIZE = int(os.environ.get("BENCH_SIZE_MIB", "4096")) << 20
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -73,12 +73,21 @@ def rsync_daemon(images):
     root = d / "rsync"
     root.mkdir()
     conf = d / "rsyncd.conf"
-    conf.write_text(f"use chroot = no\n[m]\npath = {root}\nread only = no\nuid = root\ngid = root\n")
+    conf.write_text(
+        f"use chroot = no\n[m]\npath = {root}\nread only = no\nuid = root\ngid = root\n"
+    )
     port = _free_port()
     proc = subprocess.Popen(
-        ["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={port}",
-         "--address=127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "rsync",
+            "--daemon",
+            "--no-detach",
+            f"--config={conf}",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -115,12 +124,18 @@ def test_sync_versus_rsync_and_full_copy(benchmark, images, rsync_daemon, tmp_pa
         "sync-warm": (sync_cmd(b), sync_cmd(a)),
         "sync-cold": (sync_cmd(b, "--verify"), sync_cmd(a, "--verify")),
         "rsync": ([*rsync, str(b), f"{url}/T2.raw"], [*rsync, str(a), f"{url}/T2.raw"]),
-        "rsync-compress": ([*rsync, "-z", str(b), f"{url}/T2.raw"],
-                           [*rsync, str(a), f"{url}/T2.raw"]),
-        "rsync-B64K": ([*rsync, "-B", "65536", str(b), f"{url}/T2.raw"],
-                       [*rsync, str(a), f"{url}/T2.raw"]),
-        "qemu-img-convert": (["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(b),
-                              str(t3)], None),
+        "rsync-compress": (
+            [*rsync, "-z", str(b), f"{url}/T2.raw"],
+            [*rsync, str(a), f"{url}/T2.raw"],
+        ),
+        "rsync-B64K": (
+            [*rsync, "-B", "65536", str(b), f"{url}/T2.raw"],
+            [*rsync, str(a), f"{url}/T2.raw"],
+        ),
+        "qemu-img-convert": (
+            ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(b), str(t3)],
+            None,
+        ),
         "xxh128sum-both": (["xxh128sum", str(a), str(b)], None),
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
@@ -136,6 +151,7 @@ def test_sync_versus_rsync_and_full_copy(benchmark, images, rsync_daemon, tmp_pa
                 _timed(reset, env)
     result = _summarise(times, outputs, missing)
     benchmark.extra_info.update(result)
+
     def reset() -> None:  # pedantic's setup must return None
         _timed(sync_cmd(a), env)
 
@@ -179,8 +195,9 @@ def _rsync_sent(stats: str) -> int | None:
 
 
 def _print_table(res: dict[str, object]) -> None:
-    print(f"\nsync benchmark, {res['size_bytes'] >> 20} MiB, {res['rounds']} rounds, "
-          f"{res['cache']}")
+    print(
+        f"\nsync benchmark, {res['size_bytes'] >> 20} MiB, {res['rounds']} rounds, {res['cache']}"
+    )
     for k, v in res["median_seconds"].items():  # type: ignore[union-attr]
         print(f"  {k:<18} {v:8.3f} s")
     for k, v in res.items():

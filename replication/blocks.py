@@ -33,11 +33,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def check_block_size(block_size: int) -> int:
     """Return ``block_size`` if it is a power of two in [4 KiB, 4 MiB], else raise."""
-    if (
-        block_size < MIN_BLOCK_SIZE
-        or block_size > MAX_BLOCK_SIZE
-        or block_size & (block_size - 1)
-    ):
+    if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise UsageError(
             f"block size {block_size} must be a power of two between "
             f"{MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE} bytes"

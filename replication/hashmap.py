@@ -190,8 +190,9 @@ class HashMap:
         progress: ProgressFn | None = None,
     ) -> HashMap:
         """Hash ``disk`` (its first ``covered_size`` bytes) block by block."""
-        return compute_maps([(disk, covered_size)], block_size, workers=workers,
-                            progress=progress)[0]
+        return compute_maps([(disk, covered_size)], block_size, workers=workers, progress=progress)[
+            0
+        ]
 
 
 @dataclass

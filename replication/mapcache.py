@@ -14,6 +14,7 @@ write-then-rename.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -79,7 +80,5 @@ class MapCache:
 
     @staticmethod
     def _remove(path: Path) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        except FileNotFoundError:
-            pass

@@ -26,8 +26,15 @@ class TerminalProgress:
             return _ignore
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=stage, unit="B", unit_scale=True, unit_divisor=1024,
-                   file=sys.stderr, leave=False)
+        bar = tqdm(
+            total=total,
+            desc=stage,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            leave=False,
+        )
         self._bars.append(bar)
 
         def tick(n: int) -> None:

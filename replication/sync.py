@@ -132,7 +132,7 @@ def sync_disks(
         target=target.path,
         block_size=src_map.block_size,
         blocks_total=len(src_map),
-        blocks_differing=int(len(differing)),
+        blocks_differing=len(differing),
         blocks_zero=int(src_map.zero_mask().sum()),
         bytes_read=src_map.bytes_read + (0 if cached else tgt_map.bytes_read) + moved.read,
         bytes_written=moved.written,

@@ -88,9 +88,7 @@ def make_raw(path: Path, size: int, seed: int = 1) -> bytearray:
     return data
 
 
-def mutate_blocks(
-    data: bytearray, fraction: float, seed: int = 2, block: int = 65536
-) -> list[int]:
+def mutate_blocks(data: bytearray, fraction: float, seed: int = 2, block: int = 65536) -> list[int]:
     """Rewrite about ``fraction`` of the blocks of ``data`` in place; return their indexes.
 
     Some rewrites are partial (a 4 KiB write inside the block) and some turn a block
@@ -160,7 +158,8 @@ if kind == "vmdk":
         h = pyvmdk.handle(); h.open(p); h.open_extent_data_files(); keep.append(h)
         parent = h.get_parent_filename()
         if parent:
-            pp = parent if os.path.isabs(parent) else os.path.join(os.path.dirname(os.path.abspath(p)), parent)
+            here = os.path.dirname(os.path.abspath(p))
+            pp = parent if os.path.isabs(parent) else os.path.join(here, parent)
             h.set_parent(open_chain(pp))
         return h
     h = open_chain(path)
@@ -204,12 +203,12 @@ def vmdk_descriptor_vmfs(raw_flat: Path, vmdk: Path, size: int) -> None:
     """Write a hand-made ESXi-thick ("vmfs") descriptor for an existing flat file."""
     sectors = size // 512
     vmdk.write_text(
-        "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=12345678\n"
-        "parentCID=ffffffff\ncreateType=\"vmfs\"\n\n# Extent description\n"
-        f"RW {sectors} VMFS \"{raw_flat.name}\"\n\n# The Disk Data Base\n#DDB\n\n"
-        "ddb.adapterType = \"lsilogic\"\nddb.geometry.cylinders = \"1024\"\n"
-        "ddb.geometry.heads = \"255\"\nddb.geometry.sectors = \"63\"\n"
-        "ddb.virtualHWVersion = \"13\"\n"
+        '# Disk DescriptorFile\nversion=1\nencoding="UTF-8"\nCID=12345678\n'
+        'parentCID=ffffffff\ncreateType="vmfs"\n\n# Extent description\n'
+        f'RW {sectors} VMFS "{raw_flat.name}"\n\n# The Disk Data Base\n#DDB\n\n'
+        'ddb.adapterType = "lsilogic"\nddb.geometry.cylinders = "1024"\n'
+        'ddb.geometry.heads = "255"\nddb.geometry.sectors = "63"\n'
+        'ddb.virtualHWVersion = "13"\n'
     )
 
 
@@ -255,8 +254,11 @@ def image_files(image: Path) -> list[Path]:
     if image.suffix != ".vmdk":
         return [image]
     stem = image.stem
-    return sorted(p for p in image.parent.iterdir()
-                  if p == image or (p.name.startswith(stem + "-") and p.suffix == ".vmdk"))
+    return sorted(
+        p
+        for p in image.parent.iterdir()
+        if p == image or (p.name.startswith(stem + "-") and p.suffix == ".vmdk")
+    )
 
 
 # --- structure checks of our own (helpers, not external oracles) -------------------------
@@ -273,7 +275,8 @@ def vmdk_redundant_tables_equal(extent: Path) -> list[str]:
 
     data = extent.read_bytes()
     (_magic, _ver, flags, capacity, grain, _do, _ds, ngte, rgd, gd, _oh) = struct.unpack_from(
-        "<IIIQQQQIQQQ", data, 0)
+        "<IIIQQQQIQQQ", data, 0
+    )
     problems: list[str] = []
     if not flags & 2:
         return problems  # no redundant tables to keep in step

@@ -27,10 +27,15 @@ BLOCK = 65536
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a failback data path on generated disks")
-    p.add_argument("--size", type=parse_size, default=parse_size("256M"),
-                   help="disk size (default 256M)")
-    p.add_argument("--change", type=float, default=0.01,
-                   help="fraction of blocks the Azure workload rewrites (default 0.01)")
+    p.add_argument(
+        "--size", type=parse_size, default=parse_size("256M"), help="disk size (default 256M)"
+    )
+    p.add_argument(
+        "--change",
+        type=float,
+        default=0.01,
+        help="fraction of blocks the Azure workload rewrites (default 0.01)",
+    )
     p.add_argument("--dir", help="work directory (default: a temporary one, removed)")
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=run)
@@ -70,9 +75,11 @@ def _demo(work: Path, size: int, change: float, seed: int) -> int:
 
     _step("4. failback: delta sync Azure VHD -> original on-prem VMDK")
     dry = sync_paths(str(vhd), str(vmdk), SyncOptions(dry_run=True))
-    print(f"   preflight: {dry.blocks_differing} blocks "
-          f"({dry.blocks_differing * BLOCK / 2**20:.1f} MiB) will move; "
-          f"{dry.blocks_total - dry.blocks_differing} are already equal")
+    print(
+        f"   preflight: {dry.blocks_differing} blocks "
+        f"({dry.blocks_differing * BLOCK / 2**20:.1f} MiB) will move; "
+        f"{dry.blocks_total - dry.blocks_differing} are already equal"
+    )
     report = sync_paths(str(vhd), str(vmdk))
     _show(report)
 
@@ -80,9 +87,11 @@ def _demo(work: Path, size: int, change: float, seed: int) -> int:
     ok = _verify(vhd, vmdk)
     full = size
     moved = report.bytes_written + report.bytes_zeroed
-    print(f"\nreport: failback moved {moved / 2**20:.1f} MiB of a {full >> 20} MiB disk "
-          f"({moved / full:.2%}), {report.bytes_wire / 2**20:.1f} MiB on the wire, "
-          f"in {report.seconds:.2f} s; target {'identical' if ok else 'DIFFERENT'}")
+    print(
+        f"\nreport: failback moved {moved / 2**20:.1f} MiB of a {full >> 20} MiB disk "
+        f"({moved / full:.2%}), {report.bytes_wire / 2**20:.1f} MiB on the wire, "
+        f"in {report.seconds:.2f} s; target {'identical' if ok else 'DIFFERENT'}"
+    )
     return 0 if ok else 1
 
 
@@ -119,23 +128,33 @@ def _run_workload(vhd: Path, size: int, change: float, rng: random.Random) -> in
 def _verify(vhd: Path, vmdk: Path) -> bool:
     started = time.monotonic()
     with open_disk(str(vhd)) as a, open_disk(str(vmdk)) as b:
-        same = all(a.read(off, min(4 << 20, a.virtual_size - off))
-                   == b.read(off, min(4 << 20, a.virtual_size - off))
-                   for off in range(0, a.virtual_size, 4 << 20))
-    print(f"   our readers: {'identical' if same else 'DIFFERENT'} "
-          f"({time.monotonic() - started:.2f} s)")
+        same = all(
+            a.read(off, min(4 << 20, a.virtual_size - off))
+            == b.read(off, min(4 << 20, a.virtual_size - off))
+            for off in range(0, a.virtual_size, 4 << 20)
+        )
+    print(
+        f"   our readers: {'identical' if same else 'DIFFERENT'} "
+        f"({time.monotonic() - started:.2f} s)"
+    )
     if shutil.which("qemu-img"):
         proc = subprocess.run(
             ["qemu-img", "compare", "-f", "vpc", "-F", "vmdk", str(vhd), str(vmdk)],
-            capture_output=True, text=True, check=False)
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         print(f"   qemu-img compare: {proc.stdout.strip() or proc.stderr.strip()}")
         same = same and proc.returncode == 0
-        chk = subprocess.run(["qemu-img", "check", "-f", "vmdk", str(vmdk)],
-                             capture_output=True, text=True, check=False)
+        chk = subprocess.run(
+            ["qemu-img", "check", "-f", "vmdk", str(vmdk)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         verdict = chk.stdout.strip().splitlines()[-1] if chk.stdout.strip() else chk.stderr
         print(f"   qemu-img check: {verdict.strip()}")
         same = same and chk.returncode == 0
     else:
         print("   qemu-img compare: skipped (qemu-img not installed)")
     return same
-

@@ -29,16 +29,25 @@ repeated sync reads only the source. --verify ignores the kept map.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sync", help="delta-sync SOURCE into TARGET", description=HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "sync",
+        help="delta-sync SOURCE into TARGET",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("target", metavar="TARGET")
-    p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE,
-                   help="block size: power of two, 4K..4M (default 64K)")
+    p.add_argument(
+        "--block-size",
+        type=parse_size,
+        default=DEFAULT_BLOCK_SIZE,
+        help="block size: power of two, 4K..4M (default 64K)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--dry-run", action="store_true", help="compute and report; change nothing")
-    p.add_argument("--verify", action="store_true",
-                   help="hash the target even if a kept hash map is trusted")
+    p.add_argument(
+        "--verify", action="store_true", help="hash the target even if a kept hash map is trusted"
+    )
     p.add_argument("--zstd-level", type=int, default=1, help="frame compression level")
     p.add_argument("--workers", type=int, default=2, help="threads for reading and hashing")
     p.set_defaults(func=run)

@@ -106,6 +106,8 @@ class VhdDisk(Disk):
             )
         if not AZURE_MIN <= size <= AZURE_MAX:
             notes.append("azure: size is outside Azure's range of 20 MiB to 32 TiB")
+        if ft.saved_state:
+            notes.append("the VHD is marked as being in a saved state (a suspended VM's disk)")
         if self.subformat != "fixed":
             notes.append("azure: only fixed VHDs can be uploaded to Azure")
         if ft.chs_size != size and ft.geometry != MAX_CHS:

@@ -25,13 +25,15 @@ def _cases(module: str):
             yield pytest.param(module, name, code, spec, id=f"{module}/{name}")
 
 
-ALL_CASES = [c for m in ("vmdk", "vhd", "frame") if (TESTDATA / m / "cases.json").exists()
-             for c in _cases(m)]
+ALL_CASES = [
+    c for m in ("vmdk", "vhd", "frame") if (TESTDATA / m / "cases.json").exists() for c in _cases(m)
+]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "replication", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "replication", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_there_are_fixtures_for_every_module():
@@ -43,8 +45,13 @@ def test_there_are_fixtures_for_every_module():
 def test_bad_fixture_gives_one_line_typed_error(module, name, code, spec):
     path = TESTDATA / module / name
     if module == "frame":
-        args = ["frame", "inspect", str(path), "--secret-file",
-                str(TESTDATA / module / spec.get("secret", "secret.key"))]
+        args = [
+            "frame",
+            "inspect",
+            str(path),
+            "--secret-file",
+            str(TESTDATA / module / spec.get("secret", "secret.key")),
+        ]
     else:
         args = ["disk", "info", str(path)]
         if spec.get("format"):
@@ -94,4 +101,5 @@ def test_python_dash_m_and_console_script_agree():
     b = cli("--help")
     assert a.returncode == b.returncode == 0
     assert "sync" in a.stdout and a.stdout.replace("replication", "") == b.stdout.replace(
-        "replication", "").replace("__main__.py", "")
+        "replication", ""
+    ).replace("__main__.py", "")

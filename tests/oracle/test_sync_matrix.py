@@ -62,9 +62,24 @@ def contents(tmp_path_factory):
 
 def run_traced_sync(src: Path, tgt: Path, log: Path) -> subprocess.CompletedProcess[str]:
     strace = require("strace")
-    cmd = [strace, "-f", "-y", "-s0", "-qq", "-e", "trace=write,pwrite64,writev,pwritev,pwritev2",
-           "-o", str(log), sys.executable, "-m", "replication", "sync", "--json", str(src),
-           str(tgt)]
+    cmd = [
+        strace,
+        "-f",
+        "-y",
+        "-s0",
+        "-qq",
+        "-e",
+        "trace=write,pwrite64,writev,pwritev,pwritev2",
+        "-o",
+        str(log),
+        sys.executable,
+        "-m",
+        "replication",
+        "sync",
+        "--json",
+        str(src),
+        str(tgt),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 

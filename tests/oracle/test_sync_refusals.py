@@ -26,8 +26,23 @@ def chain(tmp_path):
     base = tmp_path / "base.vmdk"
     qemu_convert(raw, base, "vmdk", "subformat=monolithicSparse")
     child = tmp_path / "base-000001.vmdk"
-    subprocess.run([require("qemu-img"), "create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F",
-                    "vmdk", str(child)], check=True, cwd=tmp_path, capture_output=True)
+    subprocess.run(
+        [
+            require("qemu-img"),
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            "base.vmdk",
+            "-F",
+            "vmdk",
+            str(child),
+        ],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
     source = tmp_path / "source.raw"
     make_raw(source, 8 << 20, seed=6)
     return tmp_path, base, child, source
@@ -44,8 +59,9 @@ def test_snapshot_chain_target_is_refused(chain, which, dry_run):
     target = child if which == "child" else base
     before = _snapshot(tmp_path)
     args = [sys.executable, "-m", "replication", "sync", str(source), str(target)]
-    proc = subprocess.run([*args, "--dry-run"] if dry_run else args, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [*args, "--dry-run"] if dry_run else args, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
     assert "snapshot" in proc.stderr.lower()
     assert "[disk.has_snapshots]" in proc.stderr
@@ -54,14 +70,21 @@ def test_snapshot_chain_target_is_refused(chain, which, dry_run):
 
 
 def test_child_is_still_readable_as_a_source(chain, tmp_path_factory):
-    tmp_path, base, child, _ = chain
+    _, _, child, _ = chain
     out = tmp_path_factory.mktemp("out") / "copy.raw"
     out.write_bytes(b"")
     with open(out, "r+b") as f:
         f.truncate(8 << 20)
-    proc = subprocess.run([sys.executable, "-m", "replication", "sync", str(child), str(out)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "replication", "sync", str(child), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
-    cmp = subprocess.run([require("qemu-img"), "compare", "-f", "raw", "-F", "vmdk", str(out),
-                          str(child)], capture_output=True, text=True)
+    cmp = subprocess.run(
+        [require("qemu-img"), "compare", "-f", "raw", "-F", "vmdk", str(out), str(child)],
+        capture_output=True,
+        text=True,
+    )
     assert cmp.returncode == 0, cmp.stdout

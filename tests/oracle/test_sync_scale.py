@@ -33,8 +33,13 @@ def _peak_rss_of(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], int]
         "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr,\n"
         "  'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
-                         timeout=600, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     rec = json.loads(out.stdout)
     return subprocess.CompletedProcess(cmd, rec["rc"], rec["out"], rec["err"]), rec["rss"]
 
@@ -44,15 +49,18 @@ def test_peak_memory_on_a_64_gib_sparse_disk_is_bounded(tmp_path):
     writes = [(i * GiB + 12345 * 512, os.urandom(256 << 10)) for i in range(0, 64, 3)]
     src, tgt = tmp_path / "src.raw", tmp_path / "tgt.vmdk"
     _sparse_raw(src, size, writes)
-    subprocess.run([require("qemu-img"), "create", "-q", "-f", "vmdk", str(tgt), str(size)],
-                   check=True)
-    proc, rss = _peak_rss_of([sys.executable, "-m", "replication", "sync", "--json", str(src),
-                              str(tgt)])
+    subprocess.run(
+        [require("qemu-img"), "create", "-q", "-f", "vmdk", str(tgt), str(size)], check=True
+    )
+    proc, rss = _peak_rss_of(
+        [sys.executable, "-m", "replication", "sync", "--json", str(src), str(tgt)]
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["blocks_total"] == size // 65536
-    assert report["blocks_differing"] == sum(-(-(len(d) + off % 65536) // 65536)
-                                             for off, d in writes)
+    assert report["blocks_differing"] == sum(
+        -(-(len(d) + off % 65536) // 65536) for off, d in writes
+    )
     assert rss < 200 << 20, f"peak RSS {rss >> 20} MiB"
     assert qemu_compare(src, tgt, "vmdk").returncode == 0
 
@@ -69,8 +77,12 @@ def test_multi_extent_vmdk_past_2_gib(tmp_path, subformat):
     tgt = tmp_path / "t.vmdk"
     qemu_convert(base_raw, tgt, "vmdk", f"subformat={subformat}")
     assert len(list(tmp_path.glob("t-*.vmdk"))) == 3
-    proc = subprocess.run([sys.executable, "-m", "replication", "sync", "--json", str(src_raw),
-                           str(tgt)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "replication", "sync", "--json", str(src_raw), str(tgt)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["blocks_differing"] == 3
     assert qemu_compare(src_raw, tgt, "vmdk").returncode == 0

@@ -109,11 +109,14 @@ def test_zero_blocks_leave_holes_in_a_sparse_raw_target(tmp_path):
     assert os.stat(tgt).st_blocks == 0
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     size=st.integers(min_value=1, max_value=40 * 4096),
-    writes=st.lists(st.tuples(st.integers(0, 40 * 4096), st.binary(min_size=1, max_size=9000)),
-                    max_size=8),
+    writes=st.lists(
+        st.tuples(st.integers(0, 40 * 4096), st.binary(min_size=1, max_size=9000)), max_size=8
+    ),
     block_size=st.sampled_from([4096, 8192, 65536]),
 )
 def test_target_equals_source_after_any_writes(tmp_path, size, writes, block_size):

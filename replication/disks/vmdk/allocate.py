@@ -68,7 +68,8 @@ def _write_batch(ext: SparseExtent, offset: int, view: memoryview) -> None:
         if kinds[k] == DATA:
             file_pos = int(ext.gte[g]) * SECTOR + lo - g * gb
             last = inplace[-1] if inplace else None
-            if last and last[0] + (last[2] - last[1]) == file_pos:
+            # merge only when contiguous both in the file and in the caller's buffer
+            if last and last[2] == lo - offset and last[0] + (last[2] - last[1]) == file_pos:
                 last[2] = hi - offset
             else:
                 inplace.append([file_pos, lo - offset, hi - offset])
