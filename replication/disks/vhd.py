@@ -29,12 +29,12 @@ import numpy as np
 
 from ..errors import (
     CorruptHeaderError,
-    DiskHasSnapshotsError,
     DiskIOError,
     UnsupportedFormatError,
     UsageError,
 )
 from .base import io_error
+from .vhd_chain import check_link, find_children, parent_candidates, snapshot_error
 from .vhd_disk import FixedVhdDisk, VhdDisk, _fsync, _pread_full, _pwrite_full
 from .vhd_dynamic import DynamicVhdDisk
 from .vhd_format import (
@@ -44,6 +44,7 @@ from .vhd_format import (
     HEADER_SIZE,
     MAX_VIRTUAL_SIZE,
     SECTOR,
+    DynamicHeader,
     Footer,
     bitmap_size,
     build_dynamic_header,
@@ -54,6 +55,7 @@ from .vhd_format import (
 
 __all__ = ["DynamicVhdDisk", "FixedVhdDisk", "VhdDisk", "create_vhd", "open_vhd"]
 
+MAX_CHAIN = 32  # parents, at most
 MAX_DYNAMIC_SIZE = 2040 << 30  # the VHD specification's limit (BAT offsets are 32-bit sectors)
 
 
@@ -61,21 +63,39 @@ MAX_DYNAMIC_SIZE = 2040 << 30  # the VHD specification's limit (BAT offsets are 
 
 
 def open_vhd(path: str, *, writable: bool = False) -> VhdDisk:
-    """Open a fixed or dynamic VHD; differencing disks are refused."""
+    """Open a fixed, dynamic or (read-only) differencing VHD with its parents."""
+    return _open_path(path, writable, ())
+
+
+def _open_path(path: str, writable: bool, chain: tuple[tuple[int, int], ...]) -> VhdDisk:
     flags = os.O_RDWR if writable else os.O_RDONLY
     try:
         fd = os.open(path, flags | os.O_CLOEXEC)
     except OSError as err:
         raise io_error(f"open {path}", err) from err
     try:
-        return _open_fd(path, fd, writable)
+        disk = _open_fd(path, fd, writable, chain)
     except BaseException:
         os.close(fd)
         raise
+    if writable:
+        children = find_children(path, disk.footer.unique_id)
+        if children:
+            disk.close()
+            names = ", ".join(os.path.basename(c) for c in children[:3])
+            raise snapshot_error(path, f"differencing disk(s) {names} use it as their parent")
+    return disk
 
 
-def _open_fd(path: str, fd: int, writable: bool) -> VhdDisk:
+def _open_fd(
+    path: str, fd: int, writable: bool, chain: tuple[tuple[int, int], ...] = ()
+) -> VhdDisk:
     st = os.fstat(fd)
+    if len(chain) >= MAX_CHAIN:
+        raise CorruptHeaderError(f"{path}: VHD parent chain is deeper than {MAX_CHAIN} disks")
+    if (st.st_dev, st.st_ino) in chain:
+        raise CorruptHeaderError(f"{path}: VHD parent chain loops back to this file")
+    chain = (*chain, (st.st_dev, st.st_ino))
     if not stat.S_ISREG(st.st_mode):
         raise UnsupportedFormatError(f"{path}: a VHD must be a regular file")
     size = st.st_size
@@ -103,39 +123,38 @@ def _open_fd(path: str, fd: int, writable: bool) -> VhdDisk:
             )
         disk: VhdDisk = FixedVhdDisk(path, fd, footer, writable=writable)
     else:
-        disk = _open_dynamic(path, fd, footer, size, tail_ok, writable)
+        disk = _open_dynamic(path, fd, footer, size, tail_ok, writable, chain)
     disk._notes = notes + disk._notes
     return disk
 
 
 def _open_dynamic(
-    path: str, fd: int, footer: Footer, size: int, tail_ok: bool, writable: bool
+    path: str,
+    fd: int,
+    footer: Footer,
+    size: int,
+    tail_ok: bool,
+    writable: bool,
+    chain: tuple[tuple[int, int], ...],
 ) -> DynamicVhdDisk:
     hdr_off = footer.data_offset
     if hdr_off < FOOTER_SIZE or hdr_off % SECTOR or hdr_off + HEADER_SIZE > size - FOOTER_SIZE:
         raise CorruptHeaderError(f"{path}: VHD dynamic header offset {hdr_off} is outside the file")
     header = parse_dynamic_header(_pread_full(fd, HEADER_SIZE, hdr_off, path), path, footer, size)
-    if footer.disk_type == 4:
+    if footer.disk_type == 4 and writable:
         parent = header.parent_name or str(header.parent_uuid)
-        msg = (
-            f"{path}: differencing VHD (a snapshot chain on top of parent {parent!r}, "
-            "like VMDK snapshots)"
-        )
-        if writable:
-            raise DiskHasSnapshotsError(
-                msg + "; writing it would corrupt the chain",
-                hint="merge the chain into one fixed or dynamic VHD first",
-            )
-        raise UnsupportedFormatError(
-            msg + " cannot be read yet", hint="merge the chain into one VHD first"
-        )
+        raise snapshot_error(path, f"it is a differencing disk on top of {parent!r}")
     if footer.current_size > MAX_DYNAMIC_SIZE:
         raise CorruptHeaderError(f"{path}: dynamic VHD size {footer.current_size} exceeds 2040 GiB")
     n = header.max_table_entries
     raw = _pread_full(fd, 4 * n, header.table_offset, path)
     bat = np.frombuffer(raw, dtype=">u4").astype(np.uint32)
     footer_pos = size - FOOTER_SIZE if tail_ok else size
-    meta_end = max(hdr_off + HEADER_SIZE, header.table_offset + 4 * n)
+    meta_end = max(
+        hdr_off + HEADER_SIZE,
+        header.table_offset + 4 * n,
+        *(off + length for _c, off, length in header.locators),
+    )
     _check_bat(path, bat, meta_end, footer_pos, bitmap_size(header.block_size) + header.block_size)
     footer_pos = -(-footer_pos // SECTOR) * SECTOR
     if writable and not tail_ok:  # repair: end the file with a footer again
@@ -144,9 +163,32 @@ def _open_dynamic(
     notes = []
     if tail_ok and _pread_full(fd, FOOTER_SIZE, 0, path) != footer.raw:
         notes.append("the footer copy at offset 0 differs from the trailing footer")
-    disk = DynamicVhdDisk(path, fd, footer, header, bat, footer_pos, writable=writable)
+    parent = _open_parent(path, fd, header, chain) if footer.disk_type == 4 else None
+    disk = DynamicVhdDisk(
+        path, fd, footer, header, bat, footer_pos, writable=writable, parent=parent
+    )
     disk._notes = notes
     return disk
+
+
+def _open_parent(
+    path: str, fd: int, header: DynamicHeader, chain: tuple[tuple[int, int], ...]
+) -> VhdDisk:
+    candidates = parent_candidates(path, fd, header)
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        name = header.parent_name or str(header.parent_uuid)
+        raise CorruptHeaderError(
+            f"{path}: the parent {name!r} of this differencing VHD was not found "
+            f"(looked for {', '.join(repr(c) for c in candidates) or 'no usable locator'})"
+        )
+    parent = _open_path(found, False, chain)
+    try:
+        check_link(path, found, parent.footer.unique_id, header.parent_uuid)
+    except BaseException:
+        parent.close()
+        raise
+    return parent
 
 
 def _check_bat(path: str, bat: np.ndarray, meta_end: int, limit: int, total: int) -> None:

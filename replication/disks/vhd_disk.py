@@ -79,9 +79,14 @@ class VhdDisk(Disk):
         self._fd = fd
         self.footer = footer
         self._notes: list[str] = []
+        self.parent: VhdDisk | None = None  # differencing disks only (read-only)
+
+    def files(self) -> tuple[str, ...]:
+        """This disk's file, then its parents' files."""
+        return (self.path, *(self.parent.files() if self.parent else ()))
 
     def generation(self) -> str | None:
-        return file_generation([self.path], extra=f"vhd:{self.footer.unique_id}")
+        return file_generation(list(self.files()), extra=f"vhd:{self.footer.unique_id}")
 
     def mark_generation(self) -> str | None:
         stamp_files([self.path])
@@ -136,8 +141,9 @@ class VhdDisk(Disk):
             allocated_bytes=self._allocated_bytes(),
             grain_size=self._grain_size(),
             uuid=str(ft.unique_id),
-            files=(self.path,),
-            writable=True,
+            parent=self.parent.path if self.parent else None,
+            files=self.files(),
+            writable=self.parent is None,
             notes=tuple(notes),
             extra=extra,
         )
@@ -146,7 +152,11 @@ class VhdDisk(Disk):
         return None
 
     def _close(self) -> None:
-        os.close(self._fd)
+        try:
+            if self.parent is not None:
+                self.parent.close()
+        finally:
+            os.close(self._fd)
 
 
 class FixedVhdDisk(VhdDisk):

@@ -35,8 +35,12 @@ class DynamicVhdDisk(VhdDisk):
         footer_pos: int,
         *,
         writable: bool,
+        parent: VhdDisk | None = None,
     ) -> None:
         super().__init__(path, fd, footer, writable=writable)
+        if parent is not None:
+            self.parent = parent
+            self.subformat = "differencing"
         self.header = header
         self._bat = bat  # native uint32, in-memory view (ahead of the file until committed)
         self._bs = header.block_size
@@ -92,12 +96,22 @@ class DynamicVhdDisk(VhdDisk):
                     _preadv_full(self._fd, run, run_start, self.path)
                     run = []
             elif sec == BAT_UNUSED:
-                dst[:] = zero_buffer(n)
+                self._read_below(pos, dst)
             else:
                 self._read_partial(idx, foff, within, dst)
             pos += n
         if run:
             _preadv_full(self._fd, run, run_start, self.path)
+
+    def _read_below(self, pos: int, dst: memoryview) -> None:
+        """Bytes this disk does not hold: the parent's, or zeros."""
+        have = 0
+        if self.parent is not None:
+            have = max(0, min(len(dst), self.parent.virtual_size - pos))
+            if have:
+                self.parent.read_into(pos, dst[:have])
+        if have < len(dst):
+            dst[have:] = zero_buffer(len(dst) - have)
 
     def _read_partial(self, idx: int, foff: int, within: int, dst: memoryview) -> None:
         _preadv_full(self._fd, [dst], foff, self.path)
@@ -105,22 +119,48 @@ class DynamicVhdDisk(VhdDisk):
         if bits is None:  # normalised by a writer meanwhile
             return
         first, last = within // SECTOR, (within + len(dst) - 1) // SECTOR
-        arr = np.frombuffer(dst, dtype=np.uint8)
-        for s in np.flatnonzero(~bits[first : last + 1]) + first:
-            lo = max(0, int(s) * SECTOR - within)
-            hi = min(len(dst), (int(s) + 1) * SECTOR - within)
-            arr[lo:hi] = 0
+        clear = np.concatenate(([False], ~bits[first : last + 1], [False]))
+        edges = np.flatnonzero(clear[1:] != clear[:-1]).tolist()
+        base = idx * self._bs + within
+        for a, b in zip(edges[0::2], edges[1::2], strict=True):  # runs of 0-bit sectors
+            lo = max(0, (first + a) * SECTOR - within)
+            hi = min(len(dst), (first + b) * SECTOR - within)
+            self._read_below(base + lo, dst[lo:hi])
 
-    def _extents(self) -> Iterator[Extent]:
+    def _block_runs(self) -> Iterator[tuple[int, int, bool]]:
         alloc = self._bat[: self._nblocks] != BAT_UNUSED
-        if not len(alloc):
-            return
         changes = np.flatnonzero(alloc[1:] != alloc[:-1]) + 1
         starts = [0, *changes.tolist()]
         ends = [*changes.tolist(), self._nblocks]
         for s, e in zip(starts, ends, strict=True):
-            lo, hi = s * self._bs, min(e * self._bs, self.virtual_size)
-            yield Extent(lo, hi - lo, zero=not bool(alloc[s]))
+            yield s * self._bs, min(e * self._bs, self.virtual_size), bool(alloc[s])
+
+    def _extents(self) -> Iterator[Extent]:
+        if self.parent is None:
+            for lo, hi, alloc in self._block_runs():
+                yield Extent(lo, hi - lo, zero=not alloc)
+            return
+        below = [*self.parent.extents(), Extent(self.parent.virtual_size, 1 << 62, zero=True)]
+        out: list[Extent] = []
+        i = 0
+        for lo, hi, alloc in self._block_runs():
+            if alloc:
+                out.append(Extent(lo, hi - lo, zero=False))
+                continue
+            while below[i].end <= lo:
+                i += 1
+            j = i
+            while j < len(below) and below[j].offset < hi:
+                a, b = max(lo, below[j].offset), min(hi, below[j].end)
+                out.append(Extent(a, b - a, zero=below[j].zero))
+                j += 1
+        merged: list[Extent] = []
+        for e in out:
+            if merged and merged[-1].zero == e.zero and merged[-1].end == e.offset:
+                merged[-1] = Extent(merged[-1].offset, merged[-1].length + e.length, e.zero)
+            else:
+                merged.append(e)
+        yield from merged
 
     # -- writing ------------------------------------------------------------------------
 

@@ -56,6 +56,8 @@ _EPOCH_2000 = 946684800
 
 _FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB")
 _HEADER = struct.Struct(">8sQQIIII16sI")
+_LOCATOR = struct.Struct(">4sIIIQ")
+MAX_LOCATOR = 64 * 1024
 
 
 def checksum(buf: bytes | bytearray, field_offset: int) -> int:
@@ -152,6 +154,8 @@ class DynamicHeader:
     block_size: int
     parent_uuid: uuid.UUID
     parent_name: str
+    #: differencing disks: (platform code, data offset, data length) of each parent locator
+    locators: tuple[tuple[bytes, int, int], ...] = ()
 
 
 def bitmap_size(block_size: int) -> int:
@@ -187,16 +191,33 @@ def parse_dynamic_header(buf: bytes, where: str, footer: Footer, file_size: int)
     hdr = footer.data_offset
     if table_off < hdr + HEADER_SIZE and end > hdr:
         raise CorruptHeaderError(f"{where}: VHD BAT overlaps the dynamic header")
-    name = ""
+    name, locators = "", ()
     if footer.disk_type == 4:
         name = bytes(buf[64:576]).decode("utf-16-be", "replace").split("\0", 1)[0]
+        locators = _parse_locators(buf, where, file_size)
     return DynamicHeader(
         table_offset=table_off,
         max_table_entries=entries,
         block_size=bsize,
         parent_uuid=uuid.UUID(bytes=bytes(puid)),
         parent_name=name,
+        locators=locators,
     )
+
+
+def _parse_locators(buf: bytes, where: str, file_size: int) -> tuple[tuple[bytes, int, int], ...]:
+    """The parent locators of a differencing disk: (platform code, offset, length)."""
+    out = []
+    for i in range(8):
+        code, _space, length, _res, off = _LOCATOR.unpack_from(buf, 576 + 24 * i)
+        if code == bytes(4) or length == 0:
+            continue
+        if length > MAX_LOCATOR or off < FOOTER_SIZE or off + length > file_size - FOOTER_SIZE:
+            raise CorruptHeaderError(
+                f"{where}: VHD parent locator {i} [{off}, {off + length}) is outside the file"
+            )
+        out.append((code, off, length))
+    return tuple(out)
 
 
 def build_dynamic_header(table_offset: int, entries: int, block_size: int) -> bytes:

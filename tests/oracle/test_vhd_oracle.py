@@ -23,6 +23,7 @@ from tests.helpers import (
     run,
     write_raw,
 )
+from tests.unit.test_vhd_chain import make_chain
 
 pytestmark = pytest.mark.oracle
 
@@ -318,3 +319,28 @@ def test_partial_bitmap_normalised_for_qemu(tmp_path: Path) -> None:
         d.write(2 * 512 + 10, b"in a cleared sector")
         model[2 * 512 + 10 : 2 * 512 + 29] = b"in a cleared sector"
     verify_with_oracles(img, model, tmp_path)
+
+
+_LIBVHDI_CHAIN = r"""
+import hashlib, json, sys, pyvhdi
+child = pyvhdi.file(); child.open(sys.argv[1])
+parent = pyvhdi.file(); parent.open(sys.argv[2])
+child.set_parent(parent)
+size = child.get_media_size()
+h, pos = hashlib.sha256(), 0
+while pos < size:
+    n = min(4 << 20, size - pos); h.update(child.read_buffer_at_offset(n, pos)); pos += n
+print(json.dumps({"size": size, "sha256": h.hexdigest(), "type": child.get_disk_type()}))
+"""
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_libvhdi_agrees_on_differencing_chain(tmp_path: Path, subformat: str) -> None:
+    parent, child, model = make_chain(tmp_path, tmp_path, subformat=subformat)
+    with open_vhd(str(child)) as d:
+        ours = d.read(0, d.virtual_size)
+    theirs = json.loads(run(SYSTEM_PYTHON, "-c", _LIBVHDI_CHAIN, child, parent).stdout)
+    assert theirs["type"] == 4  # libvhdi: differential
+    assert theirs["size"] == len(ours)
+    assert theirs["sha256"] == hashlib.sha256(ours).hexdigest() == hashlib.sha256(model).hexdigest()
+    vhdiinfo_ok(child)

@@ -18,7 +18,6 @@ from replication.disks import detect_format, open_disk
 from replication.disks import vhd_dynamic as vhd_dynamic_mod
 from replication.disks.vhd import DynamicVhdDisk, FixedVhdDisk, create_vhd, open_vhd
 from replication.errors import (
-    DiskHasSnapshotsError,
     DiskReadOnlyError,
     OutOfRangeError,
     UnsupportedFormatError,
@@ -389,15 +388,6 @@ def test_fixed_writes_never_touch_footer(tmp_path: Path) -> None:
             d.write(MiB - 4, b"\xee" * 5)
     data = p.read_bytes()
     assert data[-512:] == footer and data[MiB - 4 : MiB] == b"\xee" * 4
-
-
-def test_differencing_disk_refused(tmp_path: Path) -> None:
-    p = tmp_path / "diff.vhd"
-    p.write_bytes(make_fixtures.dynamic(disk_type=4, hdr=make_fixtures.header(parent="p.vhd")))
-    with pytest.raises(DiskHasSnapshotsError, match="snapshot chain"):
-        open_vhd(str(p), writable=True)
-    with pytest.raises(UnsupportedFormatError, match=r"differencing.*p\.vhd"):
-        open_vhd(str(p))
 
 
 def test_damaged_trailing_footer_uses_copy_and_is_repaired(tmp_path: Path) -> None:

@@ -124,3 +124,39 @@ def test_fuzzed_metadata_only_typed_errors(
         event("opened")
     except ReplicationError as err:
         event(err.code)
+
+
+_CHILD = make_fixtures.differencing(
+    make_fixtures.SIZE,
+    make_fixtures.UID,  # the uuid of make_fixtures.dynamic()
+    {0: (b"\xf0", b"C" * 4096), 3: (b"\xff", b"D" * 4096)},
+    parent_name="parent.vhd",
+    locators={b"W2ru": ".\\parent.vhd"},
+)
+_CHILD_REGIONS = st.sampled_from([(0, 100), (512, 1536), (1536, 2560), (len(_CHILD) - 512, 100)])
+
+
+@settings(
+    max_examples=100,
+    deadline=2000,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(muts=st.lists(st.tuples(_CHILD_REGIONS, st.integers(0, 10**6), st.integers(0, 255))))
+def test_fuzzed_differencing_child_only_typed_errors(tmp_path: Path, muts: list) -> None:
+    (tmp_path / "parent.vhd").write_bytes(_BASE)
+    buf = bytearray(_CHILD)
+    for (lo, span), pos, val in muts:
+        buf[lo + pos % span] = val
+    struct.pack_into(">I", buf, 64, make_fixtures.checksum(buf[:512], 64))
+    struct.pack_into(">I", buf, 512 + 36, make_fixtures.checksum(buf[512:1536], 36))
+    buf[-512:] = buf[:512]
+    p = tmp_path / "child.vhd"
+    p.write_bytes(bytes(buf))
+    try:
+        with open_vhd(str(p)) as d:
+            n = min(d.virtual_size, 1 << 20)
+            assert len(d.read(0, n)) == n
+            assert sum(e.length for e in d.extents()) == d.virtual_size
+        event("opened")
+    except ReplicationError as err:
+        event(err.code)

@@ -85,7 +85,7 @@ def test_new_cid_is_random_and_never_no_parent() -> None:
     "text",
     [
         b"",
-        b"# Disk DescriptorFile\nCID=1\ncreateType=\"x\"\n",  # no extents
+        b'# Disk DescriptorFile\nCID=1\ncreateType="x"\n',  # no extents
         b'CID=1\nRW 10 SPARSE "a"\n',  # no createType
         b'createType="x"\nRW 10 SPARSE "a"\n',  # no CID
         b'CID=xyz\ncreateType="x"\nRW 10 SPARSE "a"\n',
@@ -109,3 +109,13 @@ def test_render_keeps_unknown_lines() -> None:
     out = render_descriptor(Descriptor(desc.lines))
     assert b'isNativeSnapshot="no"' in out and b"# a comment" in out
     assert out.endswith(b'ddb.deletable = "true"\n')
+
+
+def test_latin1_descriptor_survives_cid_rewrite_byte_for_byte() -> None:
+    text = QEMU_TEXT.replace(b'encoding="UTF-8"', b"") + b'ddb.comment = "caf\xe9"\n'
+    desc = parse_descriptor(text, "t")
+    assert desc.encoding == "latin-1" and desc.fields["ddb.comment"] == "caf\xe9"
+    out = render_descriptor(desc.with_cid("0000abcd"))
+    assert out == text.replace(b"CID=9d2aa895", b"CID=0000abcd").replace(
+        b"62d39d2aa895", b"62d30000abcd"
+    )

@@ -7,6 +7,7 @@ parsing, no project code); the oracle tests reuse it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import struct
@@ -21,6 +22,7 @@ from replication.disks.vmdk import SUBFORMATS, create_vmdk, open_vmdk
 from replication.disks.vmdk import create as create_mod
 from replication.disks.vmdk.descriptor import parse_descriptor
 from replication.errors import (
+    DiskHasSnapshotsError,
     DiskIOError,
     DiskReadOnlyError,
     OutOfRangeError,
@@ -45,7 +47,8 @@ def sparse_table_problems(path: str | Path) -> list[str]:
     capacity, grain = struct.unpack_from("<QQ", data, 12)
     (ngte,) = struct.unpack_from("<I", data, 44)
     rgd_off, gd_off, overhead = struct.unpack_from("<QQQ", data, 48)
-    n_gd = -(-(-(-capacity // grain)) // ngte)
+    grains = -(-capacity // grain)
+    n_gd = -(-grains // ngte)
     gt_bytes = -(-ngte * 4 // SECTOR) * SECTOR
     gd = struct.unpack_from(f"<{n_gd}I", data, gd_off * SECTOR)
     rgd = struct.unpack_from(f"<{n_gd}I", data, rgd_off * SECTOR) if flags & 2 else None
@@ -78,10 +81,14 @@ def sha_files(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
-def random_writes(disk, expected: bytearray, count: int, seed: int) -> None:  # noqa: ANN001
-    """Random unaligned writes, grain-spanning writes, zero writes and write_zeroes."""
+def random_writes(disk, expected: bytearray, count: int, seed: int) -> set[int]:
+    """Random unaligned writes, grain-spanning writes, zero writes and write_zeroes.
+
+    Returns the indexes of the 64 KiB grains that received non-zero bytes.
+    """
     rng = random.Random(seed)
     size = len(expected)
+    touched: set[int] = set()
     for _ in range(count):
         off = rng.randrange(0, size - 1)
         n = min(size - off, rng.choice([1, 511, 4096, 65536, 70000, 300000, 2 * MiB + 3]))
@@ -92,7 +99,10 @@ def random_writes(disk, expected: bytearray, count: int, seed: int) -> None:  # 
         else:
             buf = bytes(n) if mode < 0.3 else rng.randbytes(n)
             disk.write(off, buf)
+            if mode >= 0.3:
+                touched.update(range(off // GRAIN, -(-(off + n) // GRAIN)))
         expected[off : off + n] = buf
+    return touched
 
 
 @pytest.fixture
@@ -123,7 +133,7 @@ def test_create_write_reopen_roundtrip(tmp_path: Path, subformat: str, small_spl
     if subformat.startswith("twoGb"):
         assert len(info.files) == 1 + 3  # descriptor + 3 extents of <= 4 MiB
     for f in info.files:
-        if open(f, "rb").read(4) == b"KDMV":
+        if Path(f).read_bytes()[:4] == b"KDMV":
             assert sparse_table_problems(f) == []
 
 
@@ -144,7 +154,7 @@ def test_zero_writes_never_allocate(tmp_path: Path) -> None:
         disk.write(3 * GRAIN + 17, bytes(5000))
         assert path.stat().st_size == size0
         assert disk.info().allocated_bytes == 0
-        assert list(disk.extents())[0].zero and len(list(disk.extents())) == 1
+        assert next(iter(disk.extents())).zero and len(list(disk.extents())) == 1
         disk.write(GRAIN + 100, b"\1" * 10)  # allocates one grain
         assert disk.info().allocated_bytes == GRAIN
         size1 = path.stat().st_size
@@ -159,6 +169,7 @@ def test_partial_grain_write_keeps_rest_zero_and_aligns_grain(tmp_path: Path) ->
     path = tmp_path / "d.vmdk"
     with create_vmdk(str(path), 4 * MiB) as disk:
         disk.write(100_000, b"abc" * 1000)
+        disk.flush()
         assert disk.read(GRAIN, GRAIN) == bytes(100_000 - GRAIN) + b"abc" * 1000 + bytes(
             2 * GRAIN - 103_000
         )
@@ -183,15 +194,13 @@ def test_extents_promise_zeros(tmp_path: Path) -> None:
     with open_vmdk(path) as disk:
         exts = list(disk.extents())
         assert exts[0].offset == 0 and exts[-1].end == size
-        assert all(a.end == b.offset and a.zero != b.zero for a, b in zip(exts, exts[1:]))
+        assert all(a.end == b.offset and a.zero != b.zero for a, b in itertools.pairwise(exts))
         for e in exts:
             chunk = data[e.offset : e.end]
             if e.zero:
                 assert chunk.count(0) == len(chunk)
         # every grain that is all zeros in the data stayed unallocated
-        zero_grains = sum(
-            1 for g in range(0, size, GRAIN) if data[g : g + GRAIN].count(0) == GRAIN
-        )
+        zero_grains = sum(1 for g in range(0, size, GRAIN) if data[g : g + GRAIN].count(0) == GRAIN)
         assert disk.info().allocated_bytes == size - zero_grains * GRAIN
 
 
@@ -199,6 +208,7 @@ def test_big_write_batches_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     path = str(tmp_path / "d.vmdk")
     with create_vmdk(path, 64 * MiB) as disk:
         disk.write(0, b"warm")  # the first write also renews the CID
+        disk.flush()
         calls = {"fsync": 0, "pwritev": 0}
         real_fsync, real_pwritev = os.fsync, os.pwritev
 
@@ -206,16 +216,25 @@ def test_big_write_batches_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             calls["fsync"] += 1
             real_fsync(fd)
 
-        def pwritev(fd: int, bufs, offset: int) -> int:  # noqa: ANN001
+        def pwritev(fd: int, bufs, offset: int) -> int:
             calls["pwritev"] += 1
             return real_pwritev(fd, bufs, offset)
 
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "pwritev", pwritev)
-        disk.write(GRAIN, os.urandom(16 * MiB))  # 256 new grains
-        assert calls["fsync"] <= 2
-        assert calls["pwritev"] <= 4
-        assert disk.read(0, 4) == b"warm"
+        last = os.urandom(GRAIN)
+        for i in range(256):  # 256 scattered new grains, as a 1% delta sync writes them
+            disk.write((400 + 2 * i) * GRAIN, last)
+        assert calls["fsync"] == 0  # nothing is forced to disk before flush
+        assert disk.read(910 * GRAIN, GRAIN) == last  # pending grains are readable
+        head = os.urandom(16 * MiB)
+        disk.write(0, head)  # 255 more new grains, one call
+        disk.flush()
+        assert calls["fsync"] <= 4  # grains, tables, flush, uncleanShutdown cleared
+        assert calls["pwritev"] <= 8
+        assert disk.read(0, 16 * MiB) == head and disk.read(910 * GRAIN, GRAIN) == last
+    with open_vmdk(path) as disk:
+        assert disk.read(0, 16 * MiB) == head and disk.read(910 * GRAIN, GRAIN) == last
 
 
 def test_threaded_reads(tmp_path: Path) -> None:
@@ -292,6 +311,11 @@ def test_cid_renewed_once_per_session_and_unclean_flag(tmp_path: Path) -> None:
         assert path.read_bytes()[72] == 0
         gen1 = disk.mark_generation()
         assert gen1 != gen0 and disk.generation() == gen1 and cid1 in gen1
+        disk.write(7 * GRAIN, b"pending")  # a new grain, still in memory
+        assert disk.generation() is None
+        disk.flush()
+        gen1 = disk.mark_generation()
+        assert gen1 is not None and disk.generation() == gen1
     with open_vmdk(str(path)) as disk:
         assert disk.generation() == gen1
     with open_vmdk(str(path), writable=True) as disk:
@@ -373,3 +397,50 @@ def test_gte_arrays_are_uint32(tmp_path: Path) -> None:
         ext = disk.vmdk_extents[0]
         assert ext.gte.dtype == np.uint32 and ext.gd.dtype == np.uint32
         assert len(ext.gte) == 4 * MiB // GRAIN
+
+
+@pytest.mark.parametrize("etype", ["VMFSSPARSE", "SESPARSE"])
+def test_snapshot_extent_types(tmp_path: Path, etype: str) -> None:
+    (tmp_path / "d-delta.vmdk").write_bytes(b"COWD" + bytes(4092))
+    desc = tmp_path / "d-000001.vmdk"
+    desc.write_text(
+        f'# Disk DescriptorFile\nCID=11112222\nparentCID=ffffffff\ncreateType="vmfsSparse"\n'
+        f'RW 8 {etype} "d-delta.vmdk"\n'
+    )
+    before = sha_files(tmp_path)
+    with pytest.raises(DiskHasSnapshotsError, match="snapshot"):
+        open_vmdk(str(desc), writable=True)
+    with pytest.raises(UnsupportedFormatError, match="snapshot"):
+        open_vmdk(str(desc))
+    assert sha_files(tmp_path) == before
+
+
+def test_version3_uncompressed_is_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "d.vmdk"
+    with create_vmdk(str(path), MiB) as disk:
+        disk.write(0, b"v3")
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, 4, 3)
+    path.write_bytes(raw)
+    before = sha_files(tmp_path)
+    with pytest.raises(DiskReadOnlyError, match="version 3"):
+        open_vmdk(str(path), writable=True)
+    with open_vmdk(str(path)) as disk:
+        assert disk.read(0, 2) == b"v3"
+    assert sha_files(tmp_path) == before
+
+
+def test_info_of_created_disk(tmp_path: Path) -> None:
+    path = tmp_path / "d.vmdk"
+    with create_vmdk(str(path), 8 * MiB) as disk:
+        disk.write(3 * GRAIN, b"x" * 10)
+        disk.write(5 * GRAIN - 1, b"yz")  # spans two grains
+        disk.flush()
+        info = disk.info()
+    assert info.format == "vmdk" and info.subformat == "monolithicSparse"
+    assert info.grain_size == GRAIN and info.allocated_bytes == 3 * GRAIN
+    assert info.virtual_size == 8 * MiB and info.parent is None
+    assert info.uuid and len(info.uuid.replace("-", " ").split()) == 16
+    assert info.cid == parse_descriptor(path.read_bytes()[SECTOR : 21 * SECTOR], "t").cid
+    assert info.files == (str(path),) and info.writable and info.notes == ()
+    assert info.to_dict()["files"] == [str(path)]

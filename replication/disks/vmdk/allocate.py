@@ -24,10 +24,13 @@ from .extent import fsync, pwrite_full, pwritev_full
 from .header import SECTOR
 from .sparse import DATA, SparseExtent
 
-__all__ = ["write_sparse", "zero_sparse"]
+__all__ = ["PENDING_BYTES", "flush_pending", "write_sparse", "zero_sparse"]
 
 #: a long write is cut into batches of this many bytes: bounds memory and tables touched
-_BATCH = 64 << 20
+_BATCH = 32 << 20
+#: new grains wait in memory (as whole grains) until this many bytes, or a flush, so
+#: that scattered small writes (a 1% delta sync) still allocate in few large batches
+PENDING_BYTES = 32 << 20
 _ZERO_CHUNK = 1 << 20
 
 
@@ -43,6 +46,11 @@ def write_sparse(ext: SparseExtent, offset: int, view: memoryview) -> None:
 def zero_sparse(ext: SparseExtent, offset: int, length: int) -> None:
     """Make a range read as zeros without allocating: zero allocated grains in place."""
     gb, end = ext.grain_bytes, offset + length
+    for g in range(offset // gb, -(-end // gb)) if ext.pending else ():
+        buf = ext.pending.get(g)
+        if buf is not None:  # a new grain not yet on disk
+            lo, hi = max(offset, g * gb), min(end, (g + 1) * gb)
+            buf[lo - g * gb : hi - g * gb] = bytes(hi - lo)
     for kind, g, count, sector in ext.runs(offset // gb, -(-end // gb)):
         if kind != DATA:
             continue  # unallocated and zeroed grains already read as zeros (no parent)
@@ -55,13 +63,13 @@ def zero_sparse(ext: SparseExtent, offset: int, length: int) -> None:
 
 
 def _is_zero(buf: memoryview | bytearray) -> bool:
-    return not np.frombuffer(buf, dtype=np.uint64).any()
+    dtype = np.uint64 if len(buf) % 8 == 0 else np.uint8  # wide words are faster
+    return not np.frombuffer(buf, dtype=dtype).any()
 
 
 def _write_batch(ext: SparseExtent, offset: int, view: memoryview) -> None:
     gb, end = ext.grain_bytes, offset + len(view)
     inplace: list[list[int]] = []  # [file offset, view start, view end], merged when contiguous
-    new: list[tuple[int, memoryview]] = []
     kinds = ext._kinds(ext.gte[offset // gb : -(-end // gb)])
     for k, g in enumerate(range(offset // gb, -(-end // gb))):
         lo, hi = max(offset, g * gb), min(end, (g + 1) * gb)
@@ -75,19 +83,31 @@ def _write_batch(ext: SparseExtent, offset: int, view: memoryview) -> None:
                 inplace.append([file_pos, lo - offset, hi - offset])
             continue
         piece = view[lo - offset : hi - offset]
-        if len(piece) == gb:
-            buf = piece
-        else:  # a partial grain: the rest is zeros (no parent, or a zeroed grain)
-            whole = bytearray(gb)
-            whole[lo - g * gb : hi - g * gb] = piece
-            buf = memoryview(whole)
-        if not _is_zero(buf):
-            new.append((g, buf))
+        buf = ext.pending.get(g)
+        if buf is None:
+            if _is_zero(piece):
+                continue  # zeros onto a hole or a zeroed grain: already reads as zeros
+            buf = ext.pending[g] = bytearray(gb)  # the rest is zeros (no parent)
+        buf[lo - g * gb : hi - g * gb] = piece
     for file_pos, a, b in inplace:
         pwrite_full(ext.fd, view[a:b], file_pos, ext.path)
         ext.file_size = max(ext.file_size, file_pos + b - a)
+    if len(ext.pending) * gb >= PENDING_BYTES:
+        flush_pending(ext)
+
+
+def flush_pending(ext: SparseExtent) -> None:
+    """Allocate every pending new grain in one batch (all-zero ones are dropped)."""
+    if not ext.pending:
+        return
+    new = [
+        (g, memoryview(buf))
+        for g, buf in sorted(ext.pending.items())
+        if not _is_zero(buf) and ext.gte[g] <= 1
+    ]
     if new:
         _allocate_grains(ext, new)
+    ext.pending.clear()
 
 
 def _allocate_grains(ext: SparseExtent, new: list[tuple[int, memoryview]]) -> None:

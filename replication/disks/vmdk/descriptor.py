@@ -60,6 +60,7 @@ class Descriptor:
     lines: list[str]
     fields: dict[str, str] = field(default_factory=dict)  # header keys and ddb.* keys
     extents: list[ExtentLine] = field(default_factory=list)
+    encoding: str = "utf-8"  # how the text was decoded, and is encoded back
 
     @property
     def cid(self) -> str:
@@ -94,7 +95,8 @@ class Descriptor:
                 if len(old) == 32 and all(c in "0123456789abcdefABCDEF" for c in old):
                     line = f'ddb.longContentID = "{old[:24]}{cid}"'
             lines.append(line)
-        return parse_descriptor(render_descriptor(Descriptor(lines)), "rewritten descriptor")
+        rendered = render_descriptor(Descriptor(lines, encoding=self.encoding))
+        return parse_descriptor(rendered, "rewritten descriptor")
 
 
 def new_cid(avoid: str = "") -> str:
@@ -112,18 +114,25 @@ def looks_like_descriptor(data: bytes) -> bool:
 
 
 def parse_descriptor(data: bytes | str, where: str) -> Descriptor:
-    """Parse descriptor text (``bytes`` stops at the first NUL); raise CorruptHeaderError."""
+    """Parse descriptor text (``bytes`` stops at the first NUL); raise CorruptHeaderError.
+
+    Text that is not UTF-8 is read as latin-1 (VMware's windows-1252 descriptors).
+    """
     if isinstance(data, bytes):
         data = data.split(b"\0", 1)[0]
         if len(data) > MAX_DESCRIPTOR_BYTES:
             raise CorruptHeaderError(f"{where}: descriptor larger than {MAX_DESCRIPTOR_BYTES} B")
+        encoding = "utf-8"
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise CorruptHeaderError(f"{where}: descriptor is not UTF-8 text") from err
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            # older VMware descriptors say encoding="windows-1252"; latin-1 maps every
+            # byte, so a rewrite gives back the same bytes for lines we do not touch
+            encoding = "latin-1"
+            text = data.decode(encoding)
     else:
-        text = data
-    desc = Descriptor(lines=text.replace("\r\n", "\n").split("\n"))
+        text, encoding = data, "utf-8"
+    desc = Descriptor(lines=text.replace("\r\n", "\n").split("\n"), encoding=encoding)
     for number, raw_line in enumerate(desc.lines, 1):
         _parse_line(desc, raw_line.strip(), f"{where} line {number}")
     _validate(desc, where)
@@ -175,7 +184,7 @@ def _validate(desc: Descriptor, where: str) -> None:
 def render_descriptor(desc: Descriptor) -> bytes:
     """Return the descriptor text as bytes, ending in exactly one newline."""
     text = "\n".join(desc.lines).rstrip("\n") + "\n"
-    return text.encode("utf-8")
+    return text.encode(desc.encoding)
 
 
 def _key_of(line: str) -> str | None:

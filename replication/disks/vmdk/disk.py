@@ -179,6 +179,8 @@ class VmdkDisk(Disk):
     # -- generation and info ----------------------------------------------------------------
 
     def generation(self) -> str | None:
+        if any(getattr(e, "pending", None) for e in self.vmdk_extents):
+            return None  # new grains still in memory: the files do not show them yet
         return file_generation(self.chain_files(), extra=f"vmdk:{self.cid}")
 
     def mark_generation(self) -> str | None:

@@ -69,6 +69,11 @@ def _open(path: str, *, writable: bool, seen: set[tuple[int, int]]) -> VmdkDisk:
             writable=writable,
             embedded_in=sparse if embedded and desc is not None else None,
         )
+        if writable and any(isinstance(e, SparseExtent) and e.header.version == 3 for e in extents):
+            raise DiskReadOnlyError(
+                f"{path}: version 3 sparse extents (streamOptimized or change-tracked) are "
+                "read-only"
+            )
         stack.pop_all()  # the disk owns the files now
     if desc is not None and desc.has_parent():
         try:

@@ -63,6 +63,9 @@ class SparseExtent(VmdkExtent):
         self.gte = np.zeros(0, dtype=np.uint32)
         self.session_open = False  # uncleanShutdown set on disk
         self.hole_is_zero = True  # False for a child: holes read the parent
+        # new grains written but not yet allocated (see allocate.py); only the single
+        # writer changes it, readers take references (dict lookups are atomic)
+        self.pending: dict[int, bytearray] = {}
         self._stream = None
         if header.compressed:
             from .stream import CompressedGrains
@@ -178,6 +181,17 @@ class SparseExtent(VmdkExtent):
                 self._stream.read_grain(g, sector, lo - g * gb, sub)
             else:
                 pread_full(self.fd, sub, sector * SECTOR + lo - g * gb, self.path)
+        if self.pending:
+            self._overlay_pending(offset, view)
+
+    def _overlay_pending(self, offset: int, view: memoryview) -> None:
+        """Copy grains that wait in memory for allocation over what was read."""
+        gb, end = self.grain_bytes, offset + len(view)
+        for g in range(offset // gb, -(-end // gb)):
+            buf = self.pending.get(g)
+            if buf is not None:
+                lo, hi = max(offset, g * gb), min(end, (g + 1) * gb)
+                view[lo - offset : hi - offset] = buf[lo - g * gb : hi - g * gb]
 
     def iter_extents(self) -> Iterator[tuple[int, int, bool]]:
         gb = self.grain_bytes
@@ -185,6 +199,7 @@ class SparseExtent(VmdkExtent):
         nonzero = kinds == DATA
         if not self.hole_is_zero:  # a child: unallocated grains show the parent's data
             nonzero |= kinds == HOLE
+        nonzero[list(self.pending)] = True
         brk = np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1
         starts = np.concatenate(([0], brk, [len(nonzero)]))
         for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
@@ -193,7 +208,8 @@ class SparseExtent(VmdkExtent):
                 yield (lo, hi - lo, not bool(nonzero[a]))
 
     def allocated_bytes(self) -> int:
-        return int(np.count_nonzero(self._kinds(self.gte) == DATA)) * self.grain_bytes
+        allocated = int(np.count_nonzero(self._kinds(self.gte) == DATA)) + len(self.pending)
+        return allocated * self.grain_bytes
 
     # -- writes (see allocate.py) --------------------------------------------------------------
 
@@ -223,7 +239,10 @@ class SparseExtent(VmdkExtent):
         self.dirty = True
 
     def flush(self) -> None:
-        """fsync, then clear uncleanShutdown and fsync again."""
+        """Allocate pending grains, fsync, then clear uncleanShutdown and fsync again."""
+        from .allocate import flush_pending
+
+        flush_pending(self)
         if not self.dirty:
             return
         fsync(self.fd, self.path)

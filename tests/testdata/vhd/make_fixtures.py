@@ -39,11 +39,12 @@ def footer(
     cookie: bytes = b"conectix",
     version: int = 0x00010000,
     good_checksum: bool = True,
+    uid: bytes = UID,
 ) -> bytes:
     buf = bytearray(512)
     FOOTER.pack_into(
         buf, 0, cookie, 2, version, data_offset, 0, b"test", 0x00010000, b"Wi2k", size, size,
-        65535, 16, 255, disk_type, 0, UID, 0,
+        65535, 16, 255, disk_type, 0, uid, 0,
     )  # fmt: skip
     cks = checksum(buf, 64) ^ (0 if good_checksum else 0x5A5A)
     struct.pack_into(">I", buf, 64, cks)
@@ -58,11 +59,17 @@ def header(
     cookie: bytes = b"cxsparse",
     good_checksum: bool = True,
     parent: str = "",
+    parent_uid: bytes = UID,
+    locators: tuple[tuple[bytes, int, int], ...] = (),
 ) -> bytes:
     buf = bytearray(1024)
-    HEADER.pack_into(buf, 0, cookie, NO_OFFSET, table, 0x00010000, entries, block, 0, UID, 0)
+    HEADER.pack_into(
+        buf, 0, cookie, NO_OFFSET, table, 0x00010000, entries, block, 0, parent_uid, 0
+    )  # fmt: skip
     name = parent.encode("utf-16-be")
     buf[64 : 64 + len(name)] = name
+    for i, (code, off, length) in enumerate(locators):
+        struct.pack_into(">4sIIIQ", buf, 576 + 24 * i, code, 1, length, 0, off)
     cks = checksum(buf, 36) ^ (0 if good_checksum else 0x5A5A)
     struct.pack_into(">I", buf, 36, cks)
     return bytes(buf)
@@ -96,7 +103,41 @@ def dynamic(
     return bytes(body + ft)
 
 
+def differencing(
+    size: int,
+    parent_uid: bytes,
+    blocks: dict[int, tuple[bytes, bytes]],
+    *,
+    block: int = BLOCK,
+    parent_name: str = "",
+    locators: dict[bytes, str] | None = None,
+    uid: bytes = bytes(range(16, 32)),
+) -> bytes:
+    """A differencing disk: ``blocks`` maps block -> (sector bitmap, data); locators by code."""
+    entries = -(-size // block)
+    table_len = -(-4 * entries // 512) * 512
+    loc_data, locs = b"", []
+    for code, text in (locators or {}).items():
+        enc = text.encode("utf-16-le" if code in (b"W2ru", b"W2ku") else "utf-8")
+        locs.append((code, 1536 + table_len + len(loc_data), len(enc)))
+        loc_data += enc + bytes(-len(enc) % 512)
+    bitmap_len = -(-(block // 512 // 8) // 512) * 512
+    table = bytearray(b"\xff" * table_len)
+    body = b""
+    for idx, (bitmap, data) in sorted(blocks.items()):
+        struct.pack_into(
+            ">I", table, 4 * idx, (1536 + table_len + len(loc_data) + len(body)) // 512
+        )
+        body += bitmap.ljust(bitmap_len, b"\0") + data.ljust(block, b"\0")
+    ft = footer(size, 4, 512, uid=uid)
+    hdr = header(
+        1536, entries, block, parent=parent_name, parent_uid=parent_uid, locators=tuple(locs)
+    )
+    return ft + hdr + bytes(table) + loc_data + body + ft
+
+
 CORRUPT, UNSUPPORTED = "disk.corrupt_header", "disk.unsupported_format"
+SNAPSHOTS = "disk.has_snapshots"
 
 
 def cases() -> dict[str, tuple[bytes, dict[str, str]]]:
@@ -127,9 +168,17 @@ def cases() -> dict[str, tuple[bytes, dict[str, str]]]:
         "bad-bat-past-eof.vhd": (dynamic(bat={0: 4, 5: 1 << 20}), {"code": CORRUPT}),
         "bad-bat-into-metadata.vhd": (dynamic(bat={0: 1, 5: 13}), {"code": CORRUPT}),
         "bad-bat-overlap.vhd": (dynamic(bat={0: 4, 5: 8}), {"code": CORRUPT}),
-        "bad-differencing.vhd": (
-            dynamic(disk_type=4, hdr=header(parent="C:\\vms\\parent.vhd")),
-            {"code": UNSUPPORTED, "writable_code": "disk.has_snapshots"},
+        "bad-differencing-no-parent.vhd": (
+            dynamic(disk_type=4, hdr=header(parent="C:\\vms\\no-such-parent.vhd")),
+            {"code": CORRUPT, "writable_code": SNAPSHOTS},
+        ),
+        "bad-differencing-loop.vhd": (  # its own parent: same UUID, names itself
+            dynamic(disk_type=4, hdr=header(parent="bad-differencing-loop.vhd")),
+            {"code": CORRUPT, "writable_code": SNAPSHOTS},
+        ),
+        "bad-parent-locator.vhd": (
+            dynamic(disk_type=4, hdr=header(locators=((b"W2ru", 1 << 30, 40),))),
+            {"code": CORRUPT},
         ),
     }
 

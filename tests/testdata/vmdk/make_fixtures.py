@@ -114,7 +114,7 @@ def main() -> None:
     case("bad-embedded-desc-size.vmdk", CORRUPT,
          _with(sparse("bad-embedded-desc-size.vmdk"), 36, "<Q", 1 << 40))  # fmt: skip
     case("bad-embedded-desc-garbage.vmdk", CORRUPT,
-         sparse("x", desc=b"# Disk DescriptorFile\ncreateType=\"x\"\n\x01\x02garbage\n"))  # fmt: skip
+         sparse("x", desc=b'# Disk DescriptorFile\ncreateType="x"\n\x01\x02 bad\n'))  # fmt: skip
     case("bad-descriptor-garbage.vmdk", CORRUPT,
          b"# Disk DescriptorFile\nversion=1\nCID=1\n@@@ not a line\n\xff\xfe\n")  # fmt: skip
     case("bad-descriptor-huge.vmdk", CORRUPT,
@@ -127,7 +127,7 @@ def main() -> None:
     put("extent-flat-1m.vmdk", bytes(1 << 20))
     case("bad-extent-missing.vmdk", CORRUPT,
          descriptor("x", 2048, create_type="monolithicFlat",
-                    extents=['RW 2048 FLAT "../no-such-dir/extent-missing-flat.vmdk" 0']))  # fmt: skip
+                    extents=['RW 2048 FLAT "../no-such-dir/extent-missing.vmdk" 0']))  # fmt: skip
     case("bad-extent-loop.vmdk", CORRUPT,
          descriptor("x", 1, create_type="monolithicFlat",
                     extents=['RW 1 FLAT "bad-extent-loop.vmdk" 0']))  # fmt: skip
