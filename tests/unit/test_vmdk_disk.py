@@ -22,6 +22,7 @@ from replication.disks.vmdk import SUBFORMATS, create_vmdk, open_vmdk
 from replication.disks.vmdk import create as create_mod
 from replication.disks.vmdk.descriptor import parse_descriptor
 from replication.errors import (
+    CorruptHeaderError,
     DiskHasSnapshotsError,
     DiskIOError,
     DiskReadOnlyError,
@@ -444,3 +445,23 @@ def test_info_of_created_disk(tmp_path: Path) -> None:
     assert info.cid == parse_descriptor(path.read_bytes()[SECTOR : 21 * SECTOR], "t").cid
     assert info.files == (str(path),) and info.writable and info.notes == ()
     assert info.to_dict()["files"] == [str(path)]
+
+
+@pytest.mark.parametrize("target", ["gt", "neighbour", "half"])
+def test_writable_open_refuses_overlapping_grains(tmp_path: Path, target: str) -> None:
+    """A GTE pointing into a grain table or into another grain is refused for writing."""
+    path = tmp_path / "d.vmdk"
+    with create_vmdk(str(path), 4 * MiB) as disk:
+        disk.write(0, b"a" * (2 * GRAIN))
+    raw = bytearray(path.read_bytes())
+    _rgd_off, gd_off = struct.unpack_from("<QQ", raw, 48)
+    (gt,) = struct.unpack_from("<I", raw, gd_off * SECTOR)
+    (first,) = struct.unpack_from("<I", raw, gt * SECTOR)
+    value = {"gt": gt, "neighbour": first, "half": first + 64}[target]
+    raw.extend(bytes(GRAIN))  # keep every pointer inside the file
+    struct.pack_into("<I", raw, gt * SECTOR + 4 * 5, value)
+    path.write_bytes(raw)
+    before = sha_files(tmp_path)
+    with pytest.raises(CorruptHeaderError):
+        open_vmdk(str(path), writable=True)
+    assert sha_files(tmp_path) == before

@@ -9,7 +9,7 @@ Public entry points:
 Module map: ``descriptor`` (text), ``header`` (KDMV header + validation), ``sparse``
 (grain tables, reads), ``allocate`` (crash-safe grain allocation), ``stream``
 (compressed grains), ``flat`` (FLAT/VMFS/ZERO extents), ``chain`` (snapshot rules),
-``disk`` (VmdkDisk), ``open``, ``create``, ``inspect`` (disk info).
+``disk`` (VmdkDisk), ``open``, ``create``, ``info`` (disk info).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ MAX_EXTENTS = 65536
 _EXTENT_RE = re.compile(
     r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)(?:\s+"([^"]*)")?(?:\s+(\d+))?\s*$'
 )
-_KEY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_.]*)\s*=\s*(.*?)\s*$")
+_KEY_RE = re.compile(r"^([A-Za-z][\w.:-]*)\s*=\s*(.*?)\s*$")
 _CID_RE = re.compile(r"^[0-9a-fA-F]{1,8}$")
 
 

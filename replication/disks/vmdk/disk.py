@@ -189,7 +189,7 @@ class VmdkDisk(Disk):
 
     def info(self) -> DiskInfo:
         self._check_open()
-        from .inspect import disk_info
+        from .info import disk_info
 
         return disk_info(self)
 

@@ -139,8 +139,33 @@ class SparseExtent(VmdkExtent):
             raise CorruptHeaderError(f"{where}: grain table entry points into metadata")
         if data.max() >= self.file_size // SECTOR:
             raise CorruptHeaderError(f"{where}: grain table entry points past end of file")
-        if self.writable and np.unique(data).size != data.size:
-            raise CorruptHeaderError(f"{where}: two grain table entries share one grain")
+        if self.writable:
+            self._validate_no_overlap(np.sort(data))
+
+    def _validate_no_overlap(self, grains: np.ndarray) -> None:
+        """Before writing in place: no grain may overlap another grain or any metadata.
+
+        (Readers may tolerate such files; a writer would destroy tables or other grains.)
+        """
+        h, where, gs = self.header, self.path, self.grain_sectors
+        meta = [(0, max(1, h.descriptor_offset + h.descriptor_size)), (h.gd_offset, h.gd_sectors)]
+        if self.rgd is not None:
+            meta.append((h.rgd_offset, h.gd_sectors))
+        for directory in (self.gd, self.rgd):
+            if directory is not None:
+                meta += [(int(t), h.gt_sectors) for t in directory[directory != 0]]
+        starts = np.array([m[0] for m in meta], dtype=np.int64)
+        ends = starts + np.array([m[1] for m in meta], dtype=np.int64)
+        order = np.argsort(starts)
+        starts, ends = starts[order], ends[order]
+        if np.any(starts[1:] < ends[:-1]):
+            raise CorruptHeaderError(f"{where}: grain tables overlap other metadata")
+        if grains.size > 1 and np.any(np.diff(grains) < gs):
+            raise CorruptHeaderError(f"{where}: two grain table entries share or overlap grains")
+        # the last metadata region starting before each grain's end must end before its start
+        idx = np.searchsorted(starts, grains + gs, side="left") - 1
+        if np.any((idx >= 0) & (ends[np.maximum(idx, 0)] > grains)):
+            raise CorruptHeaderError(f"{where}: a grain overlaps the grain directory or tables")
 
     def _kinds(self, entries: np.ndarray) -> np.ndarray:
         kinds = np.full(entries.shape, DATA, dtype=np.uint8)
