@@ -51,9 +51,9 @@ def write_image(path: str, size: int, seed: int = 7) -> None:
 
 def mutate_image(src: str, dst: str, fraction: float, seed: int = 11) -> list[int]:
     """Copy ``src`` to ``dst`` with ``fraction`` of its blocks rewritten with random data."""
-    import shutil
+    import subprocess
 
-    shutil.copyfile(src, dst)
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
     rng = np.random.default_rng(seed)
     with open(dst, "r+b") as f:
         size = f.seek(0, 2)

