@@ -188,15 +188,18 @@ def _summarise(times, outputs, missing) -> dict[str, object]:
         rep = json.loads(outputs["sync-warm"])
         res["sync_bytes_wire"] = rep["bytes_wire"]
         res["sync_bytes_written"] = rep["bytes_written"]
+    # both directions count: rsync's receiver sends block checksums, ours its hash map
     for k in ("rsync", "rsync-compress", "rsync-B64K"):
         if k in outputs:
-            res[f"{k}_bytes_sent"] = _rsync_sent(outputs[k])
+            sent = _rsync_stat(outputs[k], "Total bytes sent:")
+            received = _rsync_stat(outputs[k], "Total bytes received:")
+            res[f"{k}_bytes_both_ways"] = (sent or 0) + (received or 0)
     return res
 
 
-def _rsync_sent(stats: str) -> int | None:
+def _rsync_stat(stats: str, label: str) -> int | None:
     for line in stats.splitlines():
-        if line.startswith("Total bytes sent:"):
+        if line.startswith(label):
             return int(line.split(":")[1].strip().replace(",", ""))
     return None
 
