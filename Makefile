@@ -41,7 +41,7 @@ bench: install
 	$(BIN)/pytest -q benchmarks --benchmark-only
 
 proto: install
-	@echo "no .proto files yet"
+	$(PYTHON) -m replication.protogen
 
 lint: install
 	$(BIN)/ruff check replication agents tests benchmarks

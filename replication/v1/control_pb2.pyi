@@ -1,0 +1,94 @@
+from replication.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AgentStatus(_message.Message):
+    __slots__ = ("role", "agent_version", "uptime_seconds", "pairs", "volumes", "spool_bytes", "problems")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    role: _common_pb2.Role
+    agent_version: str
+    uptime_seconds: int
+    pairs: _containers.RepeatedCompositeFieldContainer[PairStatus]
+    volumes: _containers.RepeatedCompositeFieldContainer[Volume]
+    spool_bytes: int
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., agent_version: _Optional[str] = ..., uptime_seconds: _Optional[int] = ..., pairs: _Optional[_Iterable[_Union[PairStatus, _Mapping]]] = ..., volumes: _Optional[_Iterable[_Union[Volume, _Mapping]]] = ..., spool_bytes: _Optional[int] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListVolumesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVolumesResponse(_message.Message):
+    __slots__ = ("volumes",)
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    volumes: _containers.RepeatedCompositeFieldContainer[Volume]
+    def __init__(self, volumes: _Optional[_Iterable[_Union[Volume, _Mapping]]] = ...) -> None: ...
+
+class Volume(_message.Message):
+    __slots__ = ("name", "size", "format", "subformat")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SUBFORMAT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    format: str
+    subformat: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., format: _Optional[str] = ..., subformat: _Optional[str] = ...) -> None: ...
+
+class CreateVolumeRequest(_message.Message):
+    __slots__ = ("name", "size", "subformat")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SUBFORMAT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    subformat: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., subformat: _Optional[str] = ...) -> None: ...
+
+class StartPairRequest(_message.Message):
+    __slots__ = ("disk", "volume")
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    disk: str
+    volume: str
+    def __init__(self, disk: _Optional[str] = ..., volume: _Optional[str] = ...) -> None: ...
+
+class StopPairRequest(_message.Message):
+    __slots__ = ("disk",)
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    disk: str
+    def __init__(self, disk: _Optional[str] = ...) -> None: ...
+
+class PairStatus(_message.Message):
+    __slots__ = ("disk", "volume", "state", "blocks_total", "blocks_done", "persisted_seq", "error")
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    PERSISTED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    disk: str
+    volume: str
+    state: str
+    blocks_total: int
+    blocks_done: int
+    persisted_seq: int
+    error: str
+    def __init__(self, disk: _Optional[str] = ..., volume: _Optional[str] = ..., state: _Optional[str] = ..., blocks_total: _Optional[int] = ..., blocks_done: _Optional[int] = ..., persisted_seq: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
