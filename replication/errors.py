@@ -21,6 +21,7 @@ from typing import ClassVar
 
 __all__ = [
     "ERRORS_BY_CODE",
+    "CertificateError",
     "ChecksumMismatch",
     "ConfigError",
     "CorruptHeaderError",
@@ -33,13 +34,25 @@ __all__ = [
     "FrameAuthError",
     "FrameError",
     "FrameFormatError",
+    "FrameGapError",
+    "FrameReplayError",
     "FrameSequenceError",
     "FrameTruncatedError",
     "HashMapFormatError",
+    "InvalidVolumeNameError",
+    "LocalProtocolError",
     "OutOfRangeError",
+    "PeerRoleError",
+    "ProtocolError",
+    "ProtocolVersionError",
+    "RemoteProtocolError",
     "ReplicationError",
+    "SessionNotOpenError",
+    "UnknownVolumeError",
     "UnsupportedFormatError",
     "UsageError",
+    "VolumeError",
+    "VolumeExistsError",
     "render_error_table",
 ]
 
@@ -198,6 +211,99 @@ class FrameSequenceError(FrameError):
     """A frame's sequence number was reused or went backwards."""
 
     code = "frame.sequence"
+
+
+# --- certificates and transport security ------------------------------------------
+
+
+class CertificateError(ReplicationError):
+    """A certificate, key or CA file is missing, unreadable, invalid or does not match."""
+
+    code = "tls.certificate"
+    exit_status = 6
+
+
+class PeerRoleError(ReplicationError):
+    """The peer's certificate carries no role, or a role not allowed for this call."""
+
+    code = "tls.peer_role"
+    exit_status = 6
+
+
+# --- protocol -----------------------------------------------------------------------
+
+
+class ProtocolError(ReplicationError):
+    """A peer broke the replication protocol."""
+
+    code = "protocol.error"
+    exit_status = 6
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to do something the protocol forbids (a bug on this side)."""
+
+    code = "protocol.local"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids."""
+
+    code = "protocol.remote"
+
+
+class ProtocolVersionError(ProtocolError):
+    """The peers share no protocol version."""
+
+    code = "protocol.version"
+
+
+# --- volumes and apply sessions (master target) -------------------------------------
+
+
+class FrameGapError(FrameSequenceError):
+    """A frame's sequence number skipped ahead of the next one expected."""
+
+    code = "frame.gap"
+
+
+class FrameReplayError(FrameSequenceError):
+    """A frame reuses a (volume, session, seq) already accepted with other content."""
+
+    code = "frame.replay"
+
+
+class SessionNotOpenError(ReplicationError):
+    """A frame or request names a session that was not opened on this master target."""
+
+    code = "session.not_open"
+    exit_status = 7
+
+
+class VolumeError(ReplicationError):
+    """A volume of the master target could not be used."""
+
+    code = "volume.error"
+    exit_status = 7
+
+
+class InvalidVolumeNameError(VolumeError):
+    """A volume name is empty, too long, or has characters other than [A-Za-z0-9._-]."""
+
+    code = "volume.invalid_name"
+    exit_status = 2
+
+
+class UnknownVolumeError(VolumeError):
+    """No volume of that name is registered on the master target."""
+
+    code = "volume.unknown"
+
+
+class VolumeExistsError(VolumeError):
+    """A volume of that name already exists with another size or format."""
+
+    code = "volume.exists"
 
 
 def render_error_table() -> str:

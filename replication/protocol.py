@@ -1,0 +1,92 @@
+"""The replication protocol's domain side: versions, features and messages (sans-I/O).
+
+Version negotiation happens once per connection (``Handshake``): both peers send
+their ``[protocol_min, protocol_max]`` range and a feature bitmask; the agreed
+version is the highest common one and the agreed features the intersection.
+Code then asks ``agreed.has(Feature.HASHMAP_RESYNC)``; it never compares version
+numbers (rule taken from DRBD: one place decides, everyone else checks by name).
+
+Accepted ranges: v1 only (this is the first protocol). A peer whose range does not
+include 1 is refused with :class:`ProtocolVersionError`.
+
+The message dataclasses below are what agents and the library exchange;
+``replication.wire`` converts them to and from protobuf at the gRPC boundary.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .errors import ProtocolVersionError
+
+__all__ = [
+    "PROTOCOL_MAX",
+    "PROTOCOL_MIN",
+    "AckLevel",
+    "Agreed",
+    "Feature",
+    "Hello",
+    "negotiate",
+]
+
+PROTOCOL_MIN = 1
+PROTOCOL_MAX = 1
+
+
+class Feature(enum.IntFlag):
+    """Optional capabilities, one bit each; values match ``replication.v1.Feature``."""
+
+    #: frames may be zstd-compressed (frame flag COMPRESSED); always set in v1
+    ZSTD = 1
+    #: the target streams its hash map so the source sends only differing blocks
+    HASHMAP_RESYNC = 2
+    #: the process server acknowledges RECEIVED (spooled and fsynced) before PERSISTED
+    RECEIVED_ACK = 4
+
+
+#: every feature this build implements
+SUPPORTED_FEATURES = Feature.ZSTD | Feature.HASHMAP_RESYNC | Feature.RECEIVED_ACK
+
+
+class AckLevel(enum.IntEnum):
+    """Durability named by an acknowledgement (values match the proto enum)."""
+
+    RECEIVED = 1  # in the process server's spool, fsynced
+    PERSISTED = 2  # applied at the master target, volume and apply state fsynced
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What a peer says about itself at the start of a connection."""
+
+    protocol_min: int = PROTOCOL_MIN
+    protocol_max: int = PROTOCOL_MAX
+    features: int = int(SUPPORTED_FEATURES)
+    agent_version: str = "replication 0.1.0"
+    role: str = ""
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """The outcome of a negotiation: one version and a feature set."""
+
+    version: int
+    features: Feature
+
+    def has(self, feature: Feature) -> bool:
+        """Return whether both peers support ``feature``."""
+        return bool(self.features & feature)
+
+
+def negotiate(local: Hello, remote: Hello) -> Agreed:
+    """Return the agreed version and features, or raise ProtocolVersionError."""
+    low = max(local.protocol_min, remote.protocol_min)
+    high = min(local.protocol_max, remote.protocol_max)
+    if low > high:
+        raise ProtocolVersionError(
+            f"no common protocol version: we speak {local.protocol_min}..{local.protocol_max}, "
+            f"the peer {remote.protocol_min}..{remote.protocol_max}",
+            hint="upgrade the older agent",
+        )
+    return Agreed(version=high, features=Feature(local.features & remote.features))

@@ -1,0 +1,194 @@
+"""The one place where protobuf types meet the library (``*_pb2`` stop here).
+
+Agents' servicers call these functions to turn requests into domain values and
+domain values into responses; nothing else imports ``replication.v1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import RemoteProtocolError
+from .protocol import AckLevel, Hello
+from .v1 import common_pb2, control_pb2, data_pb2
+
+__all__ = [
+    "AckMsg",
+    "CloseMsg",
+    "FrameMsg",
+    "HashMapPiece",
+    "OpenMsg",
+    "ack_from_pb",
+    "ack_to_pb",
+    "hashmap_from_pb",
+    "hashmap_request_to_pb",
+    "hashmap_to_pb",
+    "hello_from_pb",
+    "hello_to_pb",
+    "source_message_from_pb",
+    "source_message_to_pb",
+]
+
+_ROLES = {
+    "source": common_pb2.ROLE_SOURCE,
+    "process-server": common_pb2.ROLE_PROCESS_SERVER,
+    "master-target": common_pb2.ROLE_MASTER_TARGET,
+    "orchestrator": common_pb2.ROLE_ORCHESTRATOR,
+}
+_ROLE_NAMES = {v: k for k, v in _ROLES.items()}
+
+
+@dataclass(frozen=True)
+class OpenMsg:
+    volume: str
+    session: bytes
+    block_size: int
+    volume_size: int
+    protocol: int
+
+
+@dataclass(frozen=True)
+class FrameMsg:
+    seq: int
+    frame: bytes
+
+
+@dataclass(frozen=True)
+class CloseMsg:
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class AckMsg:
+    volume: str
+    session: bytes
+    seq: int
+    level: AckLevel
+
+
+@dataclass(frozen=True)
+class HashMapPiece:
+    first_block: int
+    digests: bytes  # n x 16 bytes
+    volume_size: int
+    block_count: int
+
+
+SourceMsg = OpenMsg | FrameMsg | CloseMsg
+
+
+def hello_to_pb(h: Hello) -> common_pb2.Hello:
+    return common_pb2.Hello(
+        protocol_min=h.protocol_min,
+        protocol_max=h.protocol_max,
+        features=h.features,
+        agent_version=h.agent_version,
+        role=_ROLES.get(h.role, common_pb2.ROLE_UNSPECIFIED),
+    )
+
+
+def hello_from_pb(m: common_pb2.Hello) -> Hello:
+    return Hello(
+        protocol_min=m.protocol_min,
+        protocol_max=m.protocol_max,
+        features=m.features,
+        agent_version=m.agent_version,
+        role=_ROLE_NAMES.get(m.role, ""),
+    )
+
+
+def source_message_to_pb(msg: SourceMsg) -> data_pb2.SourceMessage:
+    if isinstance(msg, FrameMsg):
+        return data_pb2.SourceMessage(frame=data_pb2.Frame(seq=msg.seq, frame=msg.frame))
+    if isinstance(msg, OpenMsg):
+        sid = common_pb2.SessionId(volume=msg.volume, session=msg.session)
+        return data_pb2.SourceMessage(
+            open=data_pb2.OpenSession(
+                session=sid,
+                block_size=msg.block_size,
+                volume_size=msg.volume_size,
+                protocol=msg.protocol,
+            )
+        )
+    return data_pb2.SourceMessage(close=data_pb2.CloseSession(last_seq=msg.last_seq))
+
+
+def source_message_from_pb(m: data_pb2.SourceMessage) -> SourceMsg:
+    kind = m.WhichOneof("body")
+    if kind == "frame":
+        return FrameMsg(seq=m.frame.seq, frame=m.frame.frame)
+    if kind == "open":
+        o = m.open
+        return OpenMsg(
+            volume=o.session.volume,
+            session=o.session.session,
+            block_size=o.block_size,
+            volume_size=o.volume_size,
+            protocol=o.protocol,
+        )
+    if kind == "close":
+        return CloseMsg(last_seq=m.close.last_seq)
+    raise RemoteProtocolError("empty SourceMessage")
+
+
+def ack_to_pb(a: AckMsg) -> common_pb2.Ack:
+    sid = common_pb2.SessionId(volume=a.volume, session=a.session)
+    return common_pb2.Ack(session=sid, seq=a.seq, level=int(a.level))
+
+
+def ack_from_pb(m: common_pb2.Ack) -> AckMsg:
+    if m.level not in (AckLevel.RECEIVED, AckLevel.PERSISTED):
+        raise RemoteProtocolError(f"ack with unknown level {m.level}")
+    return AckMsg(
+        volume=m.session.volume, session=m.session.session, seq=m.seq, level=AckLevel(m.level)
+    )
+
+
+def hashmap_request_to_pb(volume: str, block_size: int, covered: int) -> data_pb2.HashMapRequest:
+    return data_pb2.HashMapRequest(volume=volume, block_size=block_size, covered_size=covered)
+
+
+def hashmap_request_from_pb(m: data_pb2.HashMapRequest) -> tuple[str, int, int]:
+    return m.volume, m.block_size, m.covered_size
+
+
+def hashmap_to_pb(p: HashMapPiece) -> data_pb2.HashMapChunk:
+    return data_pb2.HashMapChunk(
+        first_block=p.first_block,
+        digests=p.digests,
+        volume_size=p.volume_size,
+        block_count=p.block_count,
+    )
+
+
+def hashmap_from_pb(chunks: Iterator[data_pb2.HashMapChunk]) -> Iterator[HashMapPiece]:
+    for c in chunks:
+        if len(c.digests) % 16:
+            raise RemoteProtocolError("hash map chunk is not a whole number of digests")
+        yield HashMapPiece(c.first_block, c.digests, c.volume_size, c.block_count)
+
+
+def session_id_to_pb(volume: str, session: bytes) -> common_pb2.SessionId:
+    return common_pb2.SessionId(volume=volume, session=session)
+
+
+def session_id_from_pb(m: common_pb2.SessionId) -> tuple[str, bytes]:
+    return m.volume, m.session
+
+
+def session_state_to_pb(
+    volume: str, session: bytes, persisted: int, received: int = 0
+) -> data_pb2.SessionState:
+    return data_pb2.SessionState(
+        session=session_id_to_pb(volume, session), persisted_seq=persisted, received_seq=received
+    )
+
+
+def session_state_from_pb(m: data_pb2.SessionState) -> tuple[int, int]:
+    """Return (persisted_seq, received_seq)."""
+    return m.persisted_seq, m.received_seq
+
+
+def volume_to_pb(name: str, size: int, fmt: str, subformat: str) -> control_pb2.Volume:
+    return control_pb2.Volume(name=name, size=size, format=fmt, subformat=subformat)
