@@ -1,0 +1,105 @@
+"""gRPC server plumbing shared by the three agents: TLS, health, metrics, errors.
+
+``create_server(address, identity, add_servicers)`` binds (port 0 picks a free
+port, for tests), registers the standard ``grpc.health.v1`` service, and returns
+``(server, port)``. Servicers convert a :class:`ReplicationError` to a gRPC status
+with :func:`abort_with`, carrying the stable error code in trailing metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .certs import Identity
+from .errors import (
+    DiskFullError,
+    FrameError,
+    OutOfRangeError,
+    ProtocolError,
+    ReplicationError,
+)
+from .tls import ERROR_CODE_METADATA, server_credentials
+
+__all__ = ["abort_with", "create_server", "start_metrics"]
+
+log = logging.getLogger(__name__)
+
+#: gRPC status per error family; the most specific class listed wins
+_STATUS = (
+    (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
+    (FrameError, grpc.StatusCode.DATA_LOSS),
+    (ProtocolError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_for(err: ReplicationError) -> grpc.StatusCode:
+    """Return the gRPC status code that reports ``err``."""
+    for cls, status in _STATUS:
+        if isinstance(err, cls):
+            return status
+    if err.retryable:
+        return grpc.StatusCode.UNAVAILABLE
+    if err.code.startswith("volume."):
+        return grpc.StatusCode.NOT_FOUND
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+def abort_with(context: grpc.ServicerContext, err: ReplicationError) -> None:
+    """Abort the RPC with ``err``'s status, message and stable code (never returns)."""
+    log.warning("rpc refused: [%s] %s", err.code, err)
+    context.set_trailing_metadata(((ERROR_CODE_METADATA, err.code),))
+    context.abort(status_for(err), f"[{err.code}] {err}")
+
+
+def error_code_of(rpc_error: grpc.RpcError) -> str | None:
+    """Return the stable error code a peer attached to a failed RPC, if any."""
+    try:
+        for key, value in rpc_error.trailing_metadata() or ():  # type: ignore[attr-defined]
+            if key == ERROR_CODE_METADATA:
+                return str(value)
+    except Exception:  # a cancelled or transport-failed call has no metadata
+        return None
+    return None
+
+
+def create_server(
+    address: str,
+    identity: Identity,
+    add_servicers: Callable[[grpc.Server], None],
+    *,
+    workers: int = 16,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build, bind and start a mutual-TLS server; return it, its port and its health."""
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", 80 << 20),
+            ("grpc.max_send_message_length", 80 << 20),
+        ],
+    )
+    add_servicers(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_secure_port(address, server_credentials(identity))
+    if port == 0:
+        raise ReplicationError(f"cannot listen on {address}")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+def start_metrics(address: str | None) -> int | None:
+    """Serve Prometheus metrics on ``host:port`` (port 0: any); return the port."""
+    if not address:
+        return None
+    from prometheus_client import start_http_server
+
+    host, _, port = address.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1")
+    return int(server.server_port)
