@@ -42,12 +42,18 @@ __all__ = [
     "InvalidVolumeNameError",
     "LocalProtocolError",
     "OutOfRangeError",
+    "PairFailedError",
     "PeerRoleError",
     "ProtocolError",
     "ProtocolVersionError",
     "RemoteProtocolError",
     "ReplicationError",
     "SessionNotOpenError",
+    "SpoolBusyError",
+    "SpoolCorruptError",
+    "SpoolDiskFullError",
+    "SpoolError",
+    "SpoolFullError",
     "UnknownVolumeError",
     "UnsupportedFormatError",
     "UsageError",
@@ -304,6 +310,48 @@ class VolumeExistsError(VolumeError):
     """A volume of that name already exists with another size or format."""
 
     code = "volume.exists"
+
+
+# --- process server spool ---------------------------------------------------------
+
+
+class SpoolError(ReplicationError):
+    """The process server's spool could not be used."""
+
+    code = "spool.error"
+    exit_status = 8
+
+
+class SpoolFullError(SpoolError):
+    """The spool reached its byte limit; retry once forwarded frames are persisted."""
+
+    code = "spool.full"
+    retryable = True
+
+
+class SpoolDiskFullError(SpoolFullError):
+    """The device holding the spool is full; unsynced appends were rolled back."""
+
+    code = "spool.disk_full"
+
+
+class SpoolCorruptError(SpoolError):
+    """A spool segment or cursor file is corrupt before its tail (file and offset named)."""
+
+    code = "spool.corrupt"
+
+
+class SpoolBusyError(SpoolError):
+    """Another process holds the spool directory's lock."""
+
+    code = "spool.busy"
+
+
+class PairFailedError(ReplicationError):
+    """A replication pair could not finish: a peer refused it or the deadline passed."""
+
+    code = "pair.failed"
+    exit_status = 7
 
 
 def render_error_table() -> str:

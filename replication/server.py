@@ -103,3 +103,21 @@ def start_metrics(address: str | None) -> int | None:
     host, _, port = address.rpartition(":")
     server, _thread = start_http_server(int(port), addr=host or "127.0.0.1")
     return int(server.server_port)
+
+
+def error_from_rpc(err: grpc.RpcError, context: str) -> ReplicationError:
+    """Turn a failed RPC into the typed error the peer raised (via its stable code).
+
+    A peer that attached ``replication-error-code`` gets its own class back from the
+    error registry; anything else (unreachable, TLS refused, deadline) becomes a
+    retryable-or-not :class:`PairFailedError` that says what happened.
+    """
+    from .errors import ERRORS_BY_CODE, PairFailedError
+
+    code = error_code_of(err)
+    details = err.details() if hasattr(err, "details") else str(err)  # type: ignore[union-attr]
+    status = err.code() if hasattr(err, "code") else None  # type: ignore[union-attr]
+    cls = ERRORS_BY_CODE.get(code or "", PairFailedError)
+    if code is None and status == grpc.StatusCode.UNAVAILABLE:
+        details = f"peer unreachable or TLS refused ({details})"
+    return cls(f"{context}: {details}")

@@ -18,7 +18,14 @@ from ..errors import ReplicationError
 
 __all__ = ["build_parser", "main"]
 
-_COMMAND_MODULES = ("disk_cmd", "sync_cmd", "frame_cmd", "demo_cmd")
+_COMMAND_MODULES = (
+    "disk_cmd",
+    "sync_cmd",
+    "frame_cmd",
+    "demo_cmd",
+    "certs_cmd",
+    "agents_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

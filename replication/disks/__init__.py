@@ -54,8 +54,12 @@ def detect_format(path: str) -> str:
 
 
 def _looks_like_descriptor(head: bytes) -> bool:
+    """A VMDK text descriptor: its usual first line, or printable text naming createType."""
     text = head.split(b"\0", 1)[0]
-    return text.startswith(b"# Disk DescriptorFile") or b"createType" in text
+    if text.startswith(b"# Disk DescriptorFile"):
+        return True
+    printable = all(32 <= c < 127 or c in (9, 10, 13) for c in text)
+    return printable and b"createType" in text
 
 
 def open_disk(path: str, *, writable: bool = False, format: str | None = None) -> Disk:

@@ -1,0 +1,77 @@
+"""``replication master-target``: owns the volumes and applies frames to them."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from replication.applier import Applier
+from replication.certs import load_identity
+from replication.config import load_passphrase
+from replication.logs import setup_logging
+from replication.server import create_server, start_metrics
+from replication.v1 import control_pb2_grpc, data_pb2_grpc
+from replication.volumes import VolumeRegistry
+
+from .service import ControlService, MasterTargetService
+
+DEFAULTS: dict[str, Any] = {
+    "listen": "0.0.0.0:9444",
+    "data_dir": Path("/var/lib/replication/master-target"),
+    "datastore": None,
+    "tls_dir": Path("/etc/replication/tls"),
+    "host": "localhost",
+    "passphrase_file": None,
+    "volume": [],
+    "metrics_listen": None,
+}
+
+
+def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``); return the exit status."""
+    log = setup_logging("master-target")
+    identity = load_identity(settings["tls_dir"], "master-target", settings["host"])
+    secret = load_passphrase(
+        settings["passphrase_file"] or Path(settings["tls_dir"]) / "passphrase"
+    )
+    data_dir = Path(settings["data_dir"])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    registry = VolumeRegistry(dict(_volume_pairs(settings["volume"])), settings["datastore"])
+    applier = Applier(registry, data_dir / "apply-state.sqlite", secret)
+    lock = threading.Lock()
+
+    def add(server):
+        data_pb2_grpc.add_MasterTargetServicer_to_server(MasterTargetService(applier, lock), server)
+        control_pb2_grpc.add_ControlServicer_to_server(ControlService(registry, lock), server)
+
+    server, port, _ = create_server(settings["listen"], identity, add)
+    metrics = start_metrics(settings["metrics_listen"])
+    log.info(
+        "event=listening port=%d metrics_port=%s volumes=%s",
+        port,
+        metrics,
+        ",".join(registry.names()),
+    )
+    _wait(stop)
+    server.stop(grace=5).wait()
+    log.info("event=stopped")
+    return 0
+
+
+def _volume_pairs(items: list[str]):
+    from replication.errors import UsageError
+
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise UsageError(f"--volume {item!r}: expected NAME=PATH")
+        yield name, path
+
+
+def _wait(stop: threading.Event | None) -> None:
+    stop = stop or threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()

@@ -1,0 +1,63 @@
+"""``replication process-server``: the relay on port 9443 that spools ciphertext."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from replication.certs import load_identity
+from replication.logs import setup_logging
+from replication.server import create_server, start_metrics
+from replication.spool import Spool
+from replication.tls import secure_channel
+from replication.v1 import data_pb2_grpc
+
+from ..master_target.main import _wait
+from .relay import Relay
+from .service import ProcessServerService
+
+DEFAULTS: dict[str, Any] = {
+    "listen": "0.0.0.0:9443",
+    "master_target": None,
+    "master_target_host": "localhost",
+    "spool_dir": Path("/var/lib/replication/spool"),
+    "spool_limit": 8 << 30,
+    "tls_dir": Path("/etc/replication/tls"),
+    "host": "localhost",
+    "metrics_listen": None,
+}
+
+
+def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop``); return the exit status."""
+    from replication.errors import UsageError
+
+    log = setup_logging("process-server")
+    if not settings["master_target"]:
+        raise UsageError("--master-target ADDR is required")
+    identity = load_identity(settings["tls_dir"], "process-server", settings["host"])
+    spool_dir = Path(settings["spool_dir"])
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    spool = Spool.open(spool_dir, limit_bytes=int(settings["spool_limit"]))
+    channel = secure_channel(
+        settings["master_target"], identity, server_host=settings["master_target_host"]
+    )
+    stub = data_pb2_grpc.MasterTargetStub(channel)
+    relay = Relay(spool, spool_dir, lambda: stub)
+
+    def add(server):
+        data_pb2_grpc.add_ProcessServerServicer_to_server(
+            ProcessServerService(relay, lambda: stub), server
+        )
+
+    server, port, _ = create_server(settings["listen"], identity, add)
+    relay.resume_all()
+    metrics = start_metrics(settings["metrics_listen"])
+    log.info("event=listening port=%d metrics_port=%s spool=%s", port, metrics, spool_dir)
+    _wait(stop)
+    server.stop(grace=5).wait()
+    relay.stop()
+    channel.close()
+    log.info("event=stopped")
+    return 0

@@ -1,0 +1,109 @@
+"""Process server servicers: thin adapters from gRPC to :class:`Relay`."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import grpc
+
+from replication import tls, wire
+from replication.errors import RemoteProtocolError, ReplicationError
+from replication.protocol import AckLevel, Hello, negotiate
+from replication.server import abort_with
+from replication.streams import batches
+from replication.v1 import data_pb2_grpc
+
+from .relay import Relay
+
+ROLE = "process-server"
+log = logging.getLogger("process-server")
+_DONE = object()
+
+
+class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
+    """The data service sources talk to (port 9443)."""
+
+    def __init__(self, relay: Relay, target_stub) -> None:
+        self._relay = relay
+        self._target_stub = target_stub
+
+    def Handshake(self, request, context):
+        tls.require_role(context, "source")
+        try:
+            negotiate(Hello(role=ROLE), wire.hello_from_pb(request))
+        except ReplicationError as err:
+            abort_with(context, err)
+        return wire.hello_to_pb(Hello(role=ROLE))
+
+    def GetHashMap(self, request, context):
+        tls.require_role(context, "source")
+        # relayed as is. Known limit: XXH3 digests are not ciphertext; they reveal
+        # which blocks are equal (and which are zero) to the relay, never their content.
+        yield from self._target_stub().GetHashMap(request, timeout=600)
+
+    def GetSessionState(self, request, context):
+        tls.require_role(context, "source")
+        volume, session = wire.session_id_from_pb(request)
+        received, persisted = self._relay.state((volume, session))
+        return wire.session_state_to_pb(volume, session, persisted, received)
+
+    def Replicate(self, request_iterator, context):
+        tls.require_role(context, "source")
+        outbox: queue.Queue[object] = queue.Queue()
+        state: dict[str, object] = {}
+        worker = threading.Thread(
+            target=self._ingest, args=(request_iterator, outbox, state), daemon=True
+        )
+        worker.start()
+        try:
+            while context.is_active():
+                try:
+                    item = outbox.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is _DONE:
+                    break
+                if isinstance(item, ReplicationError):
+                    abort_with(context, item)
+                yield wire.ack_to_pb(item)
+        finally:
+            key, sub = state.get("key"), state.get("sub")
+            if key is not None and sub is not None:
+                self._relay.unsubscribe(key, sub)  # type: ignore[arg-type]
+
+    def _ingest(self, requests, outbox: queue.Queue[object], state: dict[str, object]) -> None:
+        """Reader: spool frames batch by batch and queue a RECEIVED ack per batch."""
+        try:
+            for batch in batches(requests):
+                self._ingest_batch(batch, outbox, state)
+        except ReplicationError as err:
+            outbox.put(err)
+        except grpc.RpcError:
+            pass  # the source went away: its stream simply ends
+        except Exception as err:  # a bug: say so, and end the stream with an error
+            log.exception("event=ingest_failed")
+            outbox.put(ReplicationError(f"process server failed: {err}"))
+        finally:
+            outbox.put(_DONE)
+
+    def _ingest_batch(self, batch, outbox, state) -> None:
+        frames: list[wire.FrameMsg] = []
+        key = state.get("key")
+        log.debug("event=ingest_batch messages=%d", len(batch))
+        for pb in batch:
+            msg = wire.source_message_from_pb(pb)
+            if isinstance(msg, wire.OpenMsg):
+                key = self._relay.open(msg)
+                state["key"] = key
+                state["sub"] = self._relay.subscribe(key, outbox)
+            elif key is None:
+                raise RemoteProtocolError("frame before OpenSession")
+            elif isinstance(msg, wire.FrameMsg):
+                frames.append(msg)
+            else:
+                self._relay.close(key, msg.last_seq)  # type: ignore[arg-type]
+        if frames and key is not None:
+            received = self._relay.accept(key, frames)  # type: ignore[arg-type]
+            outbox.put(wire.AckMsg(key[0], key[1], received, AckLevel.RECEIVED))  # type: ignore[index]

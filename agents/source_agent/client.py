@@ -1,0 +1,190 @@
+"""Source agent: resync one disk into one volume through a process server.
+
+The library decides what to send (``replication.source.SourceSession``); this
+module only moves messages: it fetches the target's hash map, streams frames on a
+``Replicate`` call while reading acks, and after a cut reconnects, asks where the
+session stands, and resends the kept frames after the persisted sequence. Every
+loop is bounded by ``deadline`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from replication import wire
+from replication.certs import Identity
+from replication.errors import PairFailedError
+from replication.hashmap import HashMap, compute_maps
+from replication.protocol import Hello, negotiate
+from replication.server import error_code_of, error_from_rpc
+from replication.source import SourceSession
+from replication.tls import secure_channel
+from replication.v1 import data_pb2_grpc
+
+log = logging.getLogger("source-agent")
+
+_STOP = object()
+
+
+def fetch_target_map(stub, volume: str, block_size: int, covered: int) -> HashMap:
+    """Stream the target volume's hash map through the process server."""
+    hmap = HashMap.empty(covered, block_size)
+    request = wire.hashmap_request_to_pb(volume, block_size, covered)
+    for piece in wire.hashmap_from_pb(stub.GetHashMap(request, timeout=600)):
+        n = len(piece.digests) // 16
+        if piece.first_block + n > len(hmap):
+            raise PairFailedError("target hash map is longer than the source disk")
+        hmap.digests[piece.first_block : piece.first_block + n] = np.frombuffer(
+            piece.digests, dtype=hmap.digests.dtype
+        )
+    return hmap
+
+
+class Replicator:
+    """Drive one SourceSession over one process server channel until PERSISTED."""
+
+    def __init__(self, session: SourceSession, stub, *, deadline: float) -> None:
+        self.session = session
+        self.stub = stub
+        self.deadline = time.monotonic() + deadline
+        self._acked = threading.Condition()
+
+    def run(self) -> None:
+        """Send everything, surviving cuts, until every frame is PERSISTED."""
+        first = True
+        attempt = 0
+        while not self.session.complete():
+            if time.monotonic() > self.deadline:
+                raise PairFailedError(
+                    f"gave up: persisted {self.session.stats.persisted_seq} of "
+                    f"{self.session.last_seq} frames before the deadline"
+                )
+            try:
+                resend = [] if first else self._resume_point()
+                first = False  # every later stream, even after a failed first one, resumes
+                self._stream(resend)
+            except grpc.RpcError as err:
+                attempt += 1
+                code = error_code_of(err)
+                if code and not code.startswith(("disk.io", "spool.full")):
+                    raise PairFailedError(f"refused: {err.details()}") from None
+                log.warning("event=stream_cut attempt=%d status=%s", attempt, err.code())
+                time.sleep(min(2.0, 0.1 * attempt))
+
+    def _resume_point(self) -> list[tuple[int, bytes]]:
+        sid = wire.session_id_to_pb(self.session.volume, self.session.session)
+        persisted, _received = wire.session_state_from_pb(
+            self.stub.GetSessionState(sid, timeout=30)
+        )
+        log.info("event=resume persisted_seq=%d", persisted)
+        return self.session.resend_after(persisted)
+
+    def _stream(self, resend: list[tuple[int, bytes]]) -> None:
+        out: queue.Queue[object] = queue.Queue()
+        for seq, frame in resend:
+            out.put(wire.FrameMsg(seq, frame))
+        stop = threading.Event()
+        sender = threading.Thread(target=self._produce, args=(out, stop), daemon=True)
+        call = self.stub.Replicate(
+            self._requests(out), timeout=max(1.0, self.deadline - time.monotonic())
+        )
+        sender.start()
+        try:
+            for pb in call:
+                ack = wire.ack_from_pb(pb)
+                log.debug("event=ack seq=%d level=%s", ack.seq, ack.level.name)
+                with self._acked:
+                    self.session.on_ack(ack.seq, ack.level)
+                    self._acked.notify_all()
+                if self.session.complete():
+                    break
+        finally:
+            # the producer must be gone before a resume: a frame it sealed into this
+            # dead stream's queue would otherwise be missing from the next stream
+            stop.set()
+            with self._acked:
+                self._acked.notify_all()
+            sender.join(timeout=30)
+            out.put(_STOP)
+            call.cancel()
+
+    def _requests(self, out: queue.Queue[object]) -> Iterator:
+        s = self.session
+        yield wire.source_message_to_pb(
+            wire.OpenMsg(s.volume, s.session, s.block_size, s.disk.virtual_size, 1)
+        )
+        while True:
+            item = out.get()
+            if item is _STOP:
+                return
+            log.debug("event=send %s", getattr(item, "seq", item))
+            yield wire.source_message_to_pb(item)
+
+    def _produce(self, out: queue.Queue[object], stop: threading.Event) -> None:
+        """Seal frames while the window allows; wait for acks when it is full."""
+        s = self.session
+        while not s.done_sealing():
+            with self._acked:
+                while s.window_full() and not stop.is_set() and time.monotonic() < self.deadline:
+                    self._acked.wait(0.5)
+                if stop.is_set():
+                    return  # sealed frames stay in the session's unacked list
+                frames = s.next_frames()
+            for seq, frame in frames:
+                out.put(wire.FrameMsg(seq, frame))
+        if not stop.is_set():
+            out.put(wire.CloseMsg(s.last_seq))
+
+
+def handshake(stub) -> None:
+    """Negotiate with the process server (raises ProtocolVersionError on mismatch)."""
+    reply = stub.Handshake(wire.hello_to_pb(Hello(role="source")), timeout=30)
+    negotiate(Hello(role="source"), wire.hello_from_pb(reply))
+
+
+def replicate_once(
+    disk,
+    volume: str,
+    secret: bytes,
+    address: str,
+    identity: Identity,
+    *,
+    block_size: int,
+    server_host: str = "localhost",
+    deadline: float = 3600.0,
+) -> SourceSession:
+    """Bring ``volume`` level with ``disk`` and return the finished session."""
+    channel = secure_channel(address, identity, server_host=server_host)
+    try:
+        return _replicate(channel, disk, volume, secret, block_size, deadline)
+    except grpc.RpcError as err:
+        raise error_from_rpc(err, f"replicate {volume} via {address}") from None
+    finally:
+        channel.close()
+
+
+def _replicate(channel, disk, volume, secret, block_size, deadline) -> SourceSession:
+    """Handshake, fetch the target map, plan, and stream until PERSISTED."""
+    stub = data_pb2_grpc.ProcessServerStub(channel)
+    handshake(stub)
+    target_map = fetch_target_map(stub, volume, block_size, disk.virtual_size)
+    (source_map,) = compute_maps([(disk, None)], block_size)
+    session = SourceSession(disk, volume, secret, block_size=block_size)
+    session.plan(source_map, target_map)
+    log.info(
+        "event=plan blocks_total=%d blocks_to_send=%d",
+        session.stats.blocks_total,
+        session.stats.blocks_to_send,
+    )
+    Replicator(session, stub, deadline=deadline).run()
+    return session
+
+
+__all__ = ["replicate_once"]

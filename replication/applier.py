@@ -1,0 +1,449 @@
+"""The master target's core: verify block frames, write them, and record what is durable.
+
+Theory of operation
+-------------------
+A source session on a volume is identified by ``(volume, session)`` where
+``session`` is the 16-byte session salt of its frames. Frames arrive in seq order
+starting at 1. For each frame :meth:`Applier.apply`:
+
+1. parses the clear header and checks it belongs here: the session salt equals the
+   session, the disk id equals :func:`~replication.volumes.volume_disk_id` of the
+   volume (both also authenticated by the AEAD below);
+2. decodes it with :class:`~replication.frame.FrameDecoder` (authentication, then
+   the plaintext digest) **before** anything is written;
+3. classifies the seq against the session's progress:
+
+   * ``seq == applied + 1``: the next frame: range-checked, then written
+     (``write_zeroes`` when all zeros, so sparse volumes stay sparse);
+   * ``seq <= applied``: a resend. Its 16-byte GCM tag is compared with the tag
+     kept for that seq (the last persisted seq, and every applied but not yet
+     committed seq): equal means the same frame (a valid tag under the session key
+     and nonce binds the ciphertext), so it is acknowledged again and not applied;
+     different means the source reused a seq for other content:
+     :class:`FrameReplayError`. Seqs older than the last persisted one keep no tag
+     and **cannot be re-verified** beyond authentication: they are acknowledged as
+     already persisted without being applied (their content, whatever it is, is
+     never written, so a resend can never make a block go back in time);
+   * ``seq > applied + 1``: a gap, :class:`FrameGapError` (the source must resume
+     from :meth:`Applier.session_state` + 1).
+
+:meth:`Applier.commit` makes everything applied so far durable and returns the new
+persisted seq of each touched session: the value that ``PERSISTED`` acks carry.
+
+Durability order (why commit is "flush disks, then SQLite")
+-----------------------------------------------------------
+An ack says "every frame up to seq N is on stable storage"; the source then drops
+those blocks from its changed set. So the recorded persisted seq must never be
+ahead of the disk:
+
+* flush first, record second: a crash in between leaves the record *behind* the
+  disk. The source resends frames that are already written; writing the same bytes
+  at the same offset again is idempotent, so nothing is lost.
+* the other order could record N, crash before the volume's page cache reached the
+  disk, and lose frames the source was told were safe: silent divergence.
+
+The state lives in SQLite (WAL mode, ``synchronous=FULL`` so a commit is fsynced:
+WAL with ``NORMAL`` may lose the last transactions on power loss), one row per
+session, all rows of one commit in one transaction.
+
+If a flush fails, the in-memory progress of the sessions of that volume falls back
+to what is recorded, so the source resends everything that may not be durable.
+
+Not handled here (next issues): ordering between two sessions writing the same
+blocks of one volume; the gRPC adapter; live-write races (design R4).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .blocks import block_count, check_block_size
+from .disks import Disk, open_disk
+from .errors import (
+    DiskSizeMismatchError,
+    FrameAuthError,
+    FrameGapError,
+    FrameReplayError,
+    FrameSequenceError,
+    OutOfRangeError,
+    SessionNotOpenError,
+    UsageError,
+)
+from .frame import TAG_SIZE, DecodedFrame, FrameDecoder, peek_header
+from .hashmap import HashMap
+from .keys import SALT_SIZE
+from .volumes import VolumeRegistry, volume_disk_id
+
+__all__ = [
+    "APPLIED",
+    "DUPLICATE",
+    "MAX_HASHMAP_CHUNK_BLOCKS",
+    "PERSISTED_EARLIER",
+    "Applier",
+    "ApplyResult",
+    "ApplyState",
+]
+
+#: The frame was written (durable after the next commit).
+APPLIED = "applied"
+#: The frame was already applied and this copy is verified identical (same tag).
+DUPLICATE = "duplicate"
+#: The seq is older than the last persisted one: acknowledged, not applied, not re-verifiable.
+PERSISTED_EARLIER = "persisted_earlier"
+#: Largest number of digests in one HashMapChunk (proto: <= 65536).
+MAX_HASHMAP_CHUNK_BLOCKS = 65536
+#: SQLite integers are signed 64-bit: seqs stay below 2**63 (never reached in practice).
+_MAX_SEQ = (1 << 63) - 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    volume TEXT NOT NULL,
+    session BLOB NOT NULL,
+    persisted_seq INTEGER NOT NULL,
+    last_tag BLOB,
+    block_size INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (volume, session)
+)
+"""
+_SCHEMA_VERSION = 1
+
+SessionKey = tuple[str, bytes]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What happened to one frame; ``persisted_seq`` is the session's durable seq now."""
+
+    seq: int
+    status: str  # APPLIED | DUPLICATE | PERSISTED_EARLIER
+    persisted_seq: int
+
+    @property
+    def applied(self) -> bool:
+        """Whether this call wrote the frame's data."""
+        return self.status == APPLIED
+
+
+@dataclass
+class _Session:
+    """In-memory progress of one open session."""
+
+    volume: str
+    session: bytes
+    block_size: int
+    persisted_seq: int
+    last_tag: bytes | None  # tag of the frame at persisted_seq
+    applied_seq: int = 0
+    #: tags of applied, not yet committed frames: seq -> tag (cleared by commit)
+    pending: dict[int, bytes] = field(default_factory=dict)
+
+    disk_id: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.applied_seq = self.persisted_seq
+        self.disk_id = volume_disk_id(self.volume)
+
+    def tag_of(self, seq: int) -> bytes | None:
+        """Return the kept tag of ``seq``, or None when it is no longer known."""
+        if seq == self.persisted_seq:
+            return self.last_tag
+        return self.pending.get(seq)
+
+    def forget_pending(self) -> None:
+        """Fall back to the recorded state (after a failed flush)."""
+        self.applied_seq = self.persisted_seq
+        self.pending.clear()
+
+
+class ApplyState:
+    """The durable per-session state: an SQLite file in the master target's data dir."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        # the master target serialises every call with one lock; RPC threads differ
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: each commit is fsynced; WAL + NORMAL could lose acked state on power loss.
+        self._db.execute("PRAGMA synchronous=FULL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, _SCHEMA_VERSION):
+            raise UsageError(f"{self.path}: apply state schema {version} is newer than this build")
+        self._db.execute(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def get(self, volume: str, session: bytes) -> tuple[int, bytes | None, int] | None:
+        """Return ``(persisted_seq, last_tag, block_size)`` of a session, or None."""
+        row = self._db.execute(
+            "SELECT persisted_seq, last_tag, block_size FROM sessions "
+            "WHERE volume = ? AND session = ?",
+            (volume, session),
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def insert(self, volume: str, session: bytes, block_size: int) -> None:
+        """Record a new session with nothing persisted."""
+        self._db.execute(
+            "INSERT INTO sessions VALUES (?, ?, 0, NULL, ?, ?)",
+            (volume, session, block_size, time.time()),
+        )
+
+    def record(self, progress: list[tuple[str, bytes, int, bytes | None]]) -> None:
+        """Store ``(volume, session, persisted_seq, last_tag)`` rows in one transaction."""
+        now = time.time()
+        rows = [(seq, tag, now, vol, sess) for vol, sess, seq, tag in progress]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "UPDATE sessions SET persisted_seq = ?, last_tag = ?, updated = ? "
+                "WHERE volume = ? AND session = ?",
+                rows,
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")  # fsynced (synchronous=FULL) before it returns
+
+    def close(self) -> None:
+        """Close the database; idempotent."""
+        self._db.close()
+
+
+class Applier:
+    """Apply frames to the registry's volumes and record durable progress.
+
+    Not thread-safe: the master target runs one applier in one thread.
+    """
+
+    def __init__(self, registry: VolumeRegistry, state_db_path: str | Path, secret: bytes) -> None:
+        self.registry = registry
+        self._decoder = FrameDecoder(secret)
+        self._state = ApplyState(state_db_path)
+        self._disks: dict[str, Disk] = {}
+        self._sessions: dict[SessionKey, _Session] = {}
+        self._touched: set[str] = set()  # volumes written since the last commit
+
+    # -- sessions -------------------------------------------------------------------
+
+    def open_session(
+        self, volume: str, session_salt: bytes, block_size: int, volume_size: int
+    ) -> int:
+        """Open (or resume) a session; return its persisted seq.
+
+        The volume is opened writable here, so a volume the disk layer refuses
+        (a VMDK in a snapshot chain, a read-only format) fails before any frame.
+        Raises DiskSizeMismatchError if the volume is smaller than ``volume_size``.
+        """
+        session = _check_salt(session_salt)
+        check_block_size(block_size)
+        disk = self._disk(volume)
+        if disk.virtual_size < volume_size:
+            raise DiskSizeMismatchError(
+                f"volume {volume!r} has {disk.virtual_size} bytes; the source has {volume_size}",
+                hint="create a volume at least as large as the source disk",
+            )
+        key = (volume, session)
+        if key not in self._sessions:
+            self._sessions[key] = self._load_session(volume, session, block_size)
+        elif self._sessions[key].block_size != block_size:
+            raise UsageError(f"session already open with block size {block_size}")
+        return self._sessions[key].persisted_seq
+
+    def _load_session(self, volume: str, session: bytes, block_size: int) -> _Session:
+        row = self._state.get(volume, session)
+        if row is None:
+            self._state.insert(volume, session, block_size)
+            return _Session(volume, session, block_size, 0, None)
+        persisted, tag, recorded_bs = row
+        if recorded_bs != block_size:
+            raise UsageError(
+                f"session {session.hex()} on {volume!r} was opened with block size "
+                f"{recorded_bs}, not {block_size}"
+            )
+        return _Session(volume, session, block_size, persisted, tag)
+
+    def session_state(self, volume: str, session: bytes) -> int:
+        """Return the durable persisted seq of a session (0: nothing, or unknown session)."""
+        self.registry.path(volume)  # unknown or invalid volume names are typed errors
+        row = self._state.get(volume, _check_salt(session))
+        return 0 if row is None else row[0]
+
+    def _disk(self, volume: str) -> Disk:
+        disk = self._disks.get(volume)
+        if disk is None:
+            disk = open_disk(self.registry.path(volume), writable=True)
+            self._disks[volume] = disk
+        return disk
+
+    # -- frames ---------------------------------------------------------------------
+
+    def apply(self, volume: str, session: bytes, seq: int, frame_bytes: bytes) -> ApplyResult:
+        """Verify one frame and write it if it is the next one; see the module docstring."""
+        state = self._sessions.get((volume, bytes(session)))
+        if state is None:
+            raise SessionNotOpenError(
+                f"session {bytes(session).hex()} on volume {volume!r} is not open",
+                hint="send OpenSession first",
+            )
+        frame = self._verify(state, seq, frame_bytes)
+        tag = bytes(frame_bytes[-TAG_SIZE:])
+        if seq <= state.applied_seq:
+            return self._resent(state, seq, tag)
+        if seq != state.applied_seq + 1:
+            raise FrameGapError(
+                f"frame seq {seq} on {volume!r}: expected {state.applied_seq + 1}",
+                hint=f"resume from persisted seq {state.persisted_seq} + 1",
+            )
+        self._write(volume, frame)
+        state.applied_seq = seq
+        state.pending[seq] = tag
+        self._touched.add(volume)
+        return ApplyResult(seq, APPLIED, state.persisted_seq)
+
+    def _verify(self, state: _Session, seq: int, frame_bytes: bytes) -> DecodedFrame:
+        """Check the header binds the frame here, then authenticate and decode it."""
+        header = peek_header(frame_bytes)
+        if header.seq != seq:
+            raise FrameSequenceError(f"message seq {seq} != frame header seq {header.seq}")
+        if not 1 <= seq <= _MAX_SEQ:
+            raise FrameSequenceError(f"frame seq {seq} outside 1..{_MAX_SEQ}")
+        if header.salt != state.session:
+            raise FrameAuthError(f"frame seq {seq} belongs to session {header.salt.hex()}")
+        if header.disk_id != state.disk_id:
+            raise FrameAuthError(
+                f"frame seq {seq} is for disk {header.disk_id.hex()}, not volume {state.volume!r}"
+            )
+        return self._decoder.decode(frame_bytes)
+
+    def _resent(self, state: _Session, seq: int, tag: bytes) -> ApplyResult:
+        """Answer a frame at or below the applied seq without applying it."""
+        kept = state.tag_of(seq)
+        if kept is None:
+            # Older than the last persisted frame: no tag kept, cannot compare.
+            return ApplyResult(seq, PERSISTED_EARLIER, state.persisted_seq)
+        if kept != tag:
+            raise FrameReplayError(
+                f"frame seq {seq} on {state.volume!r} was already applied with other content",
+                hint="a source must never reuse a seq within a session",
+            )
+        return ApplyResult(seq, DUPLICATE, state.persisted_seq)
+
+    def _write(self, volume: str, frame: DecodedFrame) -> None:
+        disk = self._disk(volume)
+        length = len(frame.data)
+        if frame.offset + length > disk.virtual_size:
+            raise OutOfRangeError(
+                f"frame seq {frame.seq} writes [{frame.offset}, {frame.offset + length}) "
+                f"past the end of volume {volume!r} ({disk.virtual_size} bytes)"
+            )
+        if not np.frombuffer(frame.data, dtype=np.uint8).any():
+            disk.write_zeroes(frame.offset, length)  # sparse volumes stay sparse
+        else:
+            disk.write(frame.offset, frame.data)
+
+    # -- durability -----------------------------------------------------------------
+
+    def commit(self) -> dict[SessionKey, int]:
+        """Flush every touched volume, THEN record progress; return persisted seqs.
+
+        Returns the persisted seq of every session that applied frames since the
+        last commit. See "Durability order" in the module docstring.
+        """
+        for volume in sorted(self._touched):
+            try:
+                self._disks[volume].flush()
+            except BaseException:
+                self._forget_volume(volume)
+                raise
+        progress = [s for s in self._sessions.values() if s.applied_seq > s.persisted_seq]
+        if not progress:
+            return {}
+        self._state.record(
+            [(s.volume, s.session, s.applied_seq, s.pending[s.applied_seq]) for s in progress]
+        )
+        for s in progress:
+            s.persisted_seq, s.last_tag = s.applied_seq, s.pending[s.applied_seq]
+            s.pending.clear()
+        self._touched.clear()
+        return {(s.volume, s.session): s.persisted_seq for s in progress}
+
+    def _forget_volume(self, volume: str) -> None:
+        """After a failed flush nothing unrecorded on ``volume`` can be trusted."""
+        for s in self._sessions.values():
+            if s.volume == volume:
+                s.forget_pending()
+        self._touched.discard(volume)
+
+    # -- hash maps ------------------------------------------------------------------
+
+    def hash_map_chunks(
+        self,
+        volume: str,
+        block_size: int,
+        covered_size: int,
+        chunk_blocks: int = MAX_HASHMAP_CHUNK_BLOCKS,
+    ) -> Iterator[tuple[int, bytes, int, int]]:
+        """Yield ``(first_block, digests, volume_size, block_count)`` chunks of the map.
+
+        ``digests`` holds at most ``chunk_blocks`` 16-byte digests. The whole map is
+        computed first (16 bytes per block, as in ``sync``); only the messages are
+        bounded. An empty map still yields one empty chunk so the caller learns the
+        volume size. Raises DiskSizeMismatchError if ``covered_size`` exceeds the volume.
+        """
+        check_block_size(block_size)
+        if not 1 <= chunk_blocks <= MAX_HASHMAP_CHUNK_BLOCKS:
+            raise UsageError(f"chunk_blocks {chunk_blocks} outside 1..{MAX_HASHMAP_CHUNK_BLOCKS}")
+        hmap, volume_size = self._compute_map(volume, block_size, covered_size)
+        total = block_count(covered_size, block_size)
+        if total == 0:
+            yield (0, b"", volume_size, 0)
+        for first in range(0, total, chunk_blocks):
+            yield (first, hmap.digests[first : first + chunk_blocks].tobytes(), volume_size, total)
+
+    def _compute_map(self, volume: str, block_size: int, covered_size: int) -> tuple[HashMap, int]:
+        # Reuse the writable handle if a session has it open: it sees its own writes.
+        disk = self._disks.get(volume)
+        own = disk is None
+        if disk is None:
+            disk = open_disk(self.registry.path(volume))
+        try:
+            if not 0 <= covered_size <= disk.virtual_size:
+                raise DiskSizeMismatchError(
+                    f"volume {volume!r} has {disk.virtual_size} bytes; "
+                    f"cannot hash {covered_size} bytes of it",
+                    hint="create a volume at least as large as the source disk",
+                )
+            return HashMap.compute(disk, block_size, covered_size=covered_size), disk.virtual_size
+        finally:
+            if own:
+                disk.close()
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close volumes and the state database WITHOUT committing (like a crash would)."""
+        for disk in self._disks.values():
+            disk.close()
+        self._disks.clear()
+        self._sessions.clear()
+        self._touched.clear()
+        self._state.close()
+
+    def __enter__(self) -> Applier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_salt(session: bytes) -> bytes:
+    session = bytes(session)
+    if len(session) != SALT_SIZE:
+        raise UsageError(f"session id must be {SALT_SIZE} bytes, not {len(session)}")
+    return session

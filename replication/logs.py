@@ -1,0 +1,28 @@
+"""Structured logs: one line per event, ``key=value`` pairs, never a secret."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+__all__ = ["setup_logging"]
+
+
+def setup_logging(component: str, level: str | None = None) -> logging.Logger:
+    """Send ``component=<name> level=... msg=...`` lines to stderr; return its logger.
+
+    The level comes from ``level``, else ``$REPLICATION_LOG_LEVEL``, else INFO.
+    """
+    level = level or os.environ.get("REPLICATION_LOG_LEVEL", "INFO")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            f"ts=%(asctime)s component={component} level=%(levelname)s logger=%(name)s "
+            "msg=%(message)s"
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    return logging.getLogger(component)

@@ -1,0 +1,142 @@
+"""The source side of a replication session, sans-I/O.
+
+Theory of operation
+-------------------
+A session starts with a fresh frame key (a new random salt, so a restarted source
+never reuses a nonce) and a plan: the blocks whose digests differ between the
+source disk and the target's hash map. :meth:`SourceSession.next_frames` reads and
+seals those blocks, in offset order, as frames with sequence numbers 1, 2, ...;
+each sealed frame is kept (``unacked``) until the master target acknowledges it
+PERSISTED, so that after a cut the very same bytes are sent again
+(:meth:`resend_after`): re-sealing would reuse a nonce if the disk had changed in
+between. The window of kept frames is bounded by ``window_bytes``: a caller stops
+asking for frames while :meth:`window_full` is true and resumes on acks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blocks import block_runs
+from .disks import Disk
+from .frame import FrameEncoder
+from .hashmap import HashMap
+from .protocol import AckLevel
+from .volumes import volume_disk_id
+
+__all__ = ["SourceSession", "SourceStats"]
+
+#: plaintext bytes per frame (a run of adjacent differing blocks)
+RUN_BYTES = 1 << 20
+
+
+@dataclass
+class SourceStats:
+    """Counters of a session (for status and metrics)."""
+
+    blocks_total: int = 0
+    blocks_to_send: int = 0
+    frames_sent: int = 0
+    bytes_plain: int = 0
+    bytes_framed: int = 0
+    persisted_seq: int = 0
+    received_seq: int = 0
+
+
+class SourceSession:
+    """Plan and produce the frames that bring a target volume level with a disk."""
+
+    def __init__(
+        self,
+        disk: Disk,
+        volume: str,
+        secret: bytes,
+        *,
+        block_size: int,
+        zstd_level: int = 1,
+        window_bytes: int = 64 << 20,
+    ) -> None:
+        self.disk = disk
+        self.volume = volume
+        self.block_size = block_size
+        self._encoder = FrameEncoder(secret, volume_disk_id(volume), level=zstd_level)
+        self._window = window_bytes
+        self._unacked: OrderedDict[int, bytes] = OrderedDict()
+        self._unacked_bytes = 0
+        self._runs: Iterator[tuple[int, int]] = iter(())
+        self._seq = 0
+        self._sealed_all = False
+        self.stats = SourceStats()
+
+    @property
+    def session(self) -> bytes:
+        """The 16-byte session id (the frames' salt)."""
+        return self._encoder.session_salt
+
+    @property
+    def last_seq(self) -> int:
+        """The highest sequence number sealed so far."""
+        return self._seq
+
+    def plan(self, source_map: HashMap, target_map: HashMap) -> np.ndarray:
+        """Set the blocks to send: those whose digests differ; return their indexes."""
+        differing = source_map.diff(target_map)
+        self.stats.blocks_total = len(source_map)
+        self.stats.blocks_to_send = len(differing)
+        self._runs = block_runs(differing, max(1, RUN_BYTES // self.block_size))
+        return differing
+
+    def window_full(self) -> bool:
+        """True while the unacknowledged frames fill the window."""
+        return self._unacked_bytes >= self._window
+
+    def done_sealing(self) -> bool:
+        """True once every planned block has been sealed into a frame."""
+        return self._sealed_all
+
+    def next_frames(self, limit: int = 16) -> list[tuple[int, bytes]]:
+        """Seal up to ``limit`` more frames (fewer when the window fills or plan ends)."""
+        out = []
+        while len(out) < limit and not self.window_full():
+            run = next(self._runs, None)
+            if run is None:
+                self._sealed_all = True
+                break
+            out.append(self._seal(*run))
+        return out
+
+    def _seal(self, first: int, count: int) -> tuple[int, bytes]:
+        offset = first * self.block_size
+        length = min(count * self.block_size, self.disk.virtual_size - offset)
+        data = self.disk.read(offset, length)
+        self._seq += 1
+        frame = self._encoder.encode(self._seq, offset, data)
+        self._unacked[self._seq] = frame
+        self._unacked_bytes += len(frame)
+        self.stats.frames_sent += 1
+        self.stats.bytes_plain += length
+        self.stats.bytes_framed += len(frame)
+        return self._seq, frame
+
+    def on_ack(self, seq: int, level: AckLevel) -> None:
+        """Record an acknowledgement; PERSISTED releases the frames it covers."""
+        if level == AckLevel.RECEIVED:
+            self.stats.received_seq = max(self.stats.received_seq, seq)
+            return
+        self.stats.persisted_seq = max(self.stats.persisted_seq, seq)
+        while self._unacked and next(iter(self._unacked)) <= seq:
+            _, frame = self._unacked.popitem(last=False)
+            self._unacked_bytes -= len(frame)
+
+    def resend_after(self, persisted_seq: int) -> list[tuple[int, bytes]]:
+        """Return the kept frames after ``persisted_seq``, to send again after a cut."""
+        self.on_ack(persisted_seq, AckLevel.PERSISTED)
+        return list(self._unacked.items())
+
+    def complete(self) -> bool:
+        """True when every planned frame was sealed and is PERSISTED."""
+        return self._sealed_all and not self._unacked and self.stats.persisted_seq == self._seq

@@ -1,0 +1,301 @@
+"""Volumes of the master target: names, where their disks live, and creating new ones.
+
+A *volume* is a named disk the master target owns and is the only writer of. Names
+come from the network (``SessionId.volume``, ``CreateVolumeRequest.name``), so they
+are untrusted: :func:`validate_volume_name` admits ``[A-Za-z0-9._-]{1,64}`` except
+``.`` and ``..``, which can never be a path separator or a traversal.
+
+Two kinds of volumes:
+
+* **registered**: configured by the operator (``name -> path``), anywhere on the
+  host (a block device, an existing VMDK). The registry never creates or moves them.
+* **created**: made by :meth:`VolumeRegistry.create` as ``<datastore>/<name>/<name>.vmdk``
+  and recorded in ``<datastore>/volumes.json`` so a restart knows them. The manifest
+  stores names, never paths: a created volume's path is always derived from the
+  datastore, and checked with ``realpath`` so a symlink planted in the datastore
+  cannot redirect writes outside it.
+
+:func:`volume_disk_id` gives the 16-byte disk id that frames for a volume carry; the
+source agent uses the same function, so a frame sealed for one volume can never be
+applied to another (the id is authenticated by the frame's AEAD).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .disks import create_disk, open_disk
+from .disks.base import io_error
+from .errors import (
+    ConfigError,
+    InvalidVolumeNameError,
+    ReplicationError,
+    UnknownVolumeError,
+    VolumeExistsError,
+)
+from .frame import DISK_ID_SIZE
+
+__all__ = [
+    "MANIFEST_NAME",
+    "VolumeInfo",
+    "VolumeRegistry",
+    "validate_volume_name",
+    "volume_disk_id",
+]
+
+#: File in the datastore that lists the volumes created there.
+MANIFEST_NAME = "volumes.json"
+MANIFEST_VERSION = 1
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_DISK_ID_DOMAIN = b"replication volume\0"
+
+
+def validate_volume_name(name: object) -> str:
+    """Return ``name`` if it is a valid volume name, else raise InvalidVolumeNameError."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise InvalidVolumeNameError(
+            f"invalid volume name {name!r}",
+            hint="use 1 to 64 characters of A-Z a-z 0-9 . _ - (not '.' or '..')",
+        )
+    return name
+
+
+def volume_disk_id(name: str) -> bytes:
+    """Return the 16-byte frame disk id of volume ``name`` (same on source and target)."""
+    validate_volume_name(name)
+    return hashlib.sha256(_DISK_ID_DOMAIN + name.encode()).digest()[:DISK_ID_SIZE]
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """What ``ListVolumes`` reports about one volume."""
+
+    name: str
+    path: str
+    size: int
+    format: str
+    subformat: str
+    created: bool  # True: made by create() in the datastore; False: registered by config
+    problem: str | None = None  # set by list() when the disk cannot be opened
+
+
+@dataclass(frozen=True)
+class _Created:
+    """A manifest entry: what create() was asked for."""
+
+    size: int
+    subformat: str
+
+
+class VolumeRegistry:
+    """Resolve volume names to disks; create new VMDK volumes in the datastore."""
+
+    def __init__(
+        self,
+        registered: Mapping[str, str | os.PathLike[str]],
+        datastore: str | os.PathLike[str] | None,
+    ) -> None:
+        self._registered = {
+            validate_volume_name(name): os.fspath(path) for name, path in registered.items()
+        }
+        self._datastore = None if datastore is None else Path(datastore)
+        self._created = self._load_manifest()
+        both = sorted(set(self._registered) & set(self._created))
+        if both:
+            raise ConfigError(
+                f"volumes {both} are both registered and created in the datastore",
+                hint="remove them from the configuration or from the datastore manifest",
+            )
+
+    # -- lookups --------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Return every volume name, sorted."""
+        return sorted({*self._registered, *self._created})
+
+    def path(self, name: str) -> str:
+        """Return the disk path of volume ``name`` without opening it."""
+        validate_volume_name(name)
+        if name in self._registered:
+            return self._registered[name]
+        if name in self._created:
+            return self._datastore_path(name)
+        raise UnknownVolumeError(f"no volume named {name!r}", hint="see ListVolumes")
+
+    def get(self, name: str) -> VolumeInfo:
+        """Return the volume's info, reading size and format from its disk."""
+        path = self.path(name)
+        with open_disk(path) as disk:
+            info = disk.info()
+        return VolumeInfo(
+            name=name,
+            path=path,
+            size=info.virtual_size,
+            format=info.format,
+            subformat=info.subformat,
+            created=name in self._created,
+        )
+
+    def list(self) -> list[VolumeInfo]:
+        """Return every volume; one that cannot be opened carries a ``problem``."""
+        out = []
+        for name in self.names():
+            try:
+                out.append(self.get(name))
+            except ReplicationError as err:
+                # One broken volume must not hide the others from the operator.
+                out.append(self._broken_info(name, err))
+        return out
+
+    def _broken_info(self, name: str, err: ReplicationError) -> VolumeInfo:
+        entry = self._created.get(name)
+        return VolumeInfo(
+            name=name,
+            path=self.path(name),
+            size=entry.size if entry else 0,
+            format="vmdk" if entry else "",
+            subformat=entry.subformat if entry else "",
+            created=entry is not None,
+            problem=f"{err.code}: {err.message}",
+        )
+
+    # -- creation -------------------------------------------------------------------
+
+    def create(self, name: str, size: int, subformat: str = "monolithicSparse") -> VolumeInfo:
+        """Create volume ``name`` as a new VMDK in the datastore; idempotent for one size.
+
+        Raises VolumeExistsError if the name exists with another size or subformat,
+        ConfigError if there is no datastore.
+        """
+        validate_volume_name(name)
+        if name in self._registered or name in self._created:
+            return self._existing(name, size, subformat)
+        path = self._datastore_path(name)  # also refuses when there is no datastore
+        if os.path.lexists(path):
+            # A crash between create_disk and the manifest write leaves an unlisted disk.
+            self._adopt(name, path, size, subformat)
+        else:
+            _make_dir(os.path.dirname(path))
+            create_disk(path, size, format="vmdk", subformat=subformat).close()
+        self._created[name] = _Created(size, subformat)
+        try:
+            self._save_manifest()
+        except BaseException:
+            # Not durable: forget it; a retry adopts the disk left behind.
+            del self._created[name]
+            raise
+        return self.get(name)
+
+    def _existing(self, name: str, size: int, subformat: str) -> VolumeInfo:
+        info = self.get(name)
+        if info.size != size:
+            raise VolumeExistsError(
+                f"volume {name!r} exists with size {info.size}, not {size}",
+                hint="choose another name or ask for the existing size",
+            )
+        entry = self._created.get(name)
+        if entry is not None and entry.subformat != subformat:
+            raise VolumeExistsError(f"volume {name!r} exists as {entry.subformat}, not {subformat}")
+        return info
+
+    def _adopt(self, name: str, path: str, size: int, subformat: str) -> None:
+        """Take over a disk left unlisted by a crash, if it is exactly what was asked."""
+        with open_disk(path) as disk:
+            info = disk.info()
+        if info.format != "vmdk" or info.virtual_size != size or info.subformat != subformat:
+            raise VolumeExistsError(
+                f"{path} exists but is not in the manifest and is a {info.format} "
+                f"{info.subformat} of {info.virtual_size} bytes",
+                hint="remove the file if it is left over, or choose another name",
+            )
+
+    def _datastore_path(self, name: str) -> str:
+        """Return ``<datastore>/<name>/<name>.vmdk``, refusing anything that resolves elsewhere.
+
+        One directory per volume: the extent files of split subformats
+        (``<name>-s001.vmdk``) can never collide with another volume's files.
+        """
+        if self._datastore is None:
+            raise ConfigError(
+                "this master target has no datastore to create volumes in",
+                hint="start it with a datastore directory",
+            )
+        root = os.path.realpath(self._datastore)
+        name = validate_volume_name(name)
+        path = os.path.join(root, name, f"{name}.vmdk")
+        # The name alone cannot escape (validated), but a symlink planted in the
+        # datastore could: the resolved path must be exactly the expected one.
+        real = os.path.realpath(path)
+        if real != path:
+            raise InvalidVolumeNameError(
+                f"volume {name!r} resolves to {real}, not {path} in the datastore"
+            )
+        return path
+
+    # -- manifest -------------------------------------------------------------------
+
+    def _manifest_path(self) -> Path | None:
+        return None if self._datastore is None else self._datastore / MANIFEST_NAME
+
+    def _load_manifest(self) -> dict[str, _Created]:
+        path = self._manifest_path()
+        if path is None or not path.exists():
+            return {}
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"unsupported version {doc.get('version')!r}")
+            return {
+                validate_volume_name(name): _Created(int(v["size"]), str(v["subformat"]))
+                for name, v in doc["volumes"].items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"volume manifest {path} is unreadable: {err}") from err
+        except InvalidVolumeNameError as err:
+            raise ConfigError(f"volume manifest {path}: {err}") from err
+
+    def _save_manifest(self) -> None:
+        """Write the manifest durably: temporary file, fsync, rename, fsync directory."""
+        path = self._manifest_path()
+        assert path is not None  # create() resolved a datastore path first
+        doc = {
+            "version": MANIFEST_VERSION,
+            "volumes": {
+                name: {"size": e.size, "subformat": e.subformat}
+                for name, e in sorted(self._created.items())
+            },
+        }
+        tmp = path.with_name(f"{MANIFEST_NAME}.tmp.{os.getpid()}")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            # The rename is durable only once the directory entry is on disk.
+            _fsync_dir(str(path.parent))
+        except OSError as err:
+            raise io_error(f"write volume manifest {path}", err) from err
+
+
+def _fsync_dir(path: str) -> None:
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _make_dir(path: str) -> None:
+    """Create a volume's directory durably (its entry in the datastore is fsynced)."""
+    try:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _fsync_dir(os.path.dirname(path))
+    except OSError as err:
+        raise io_error(f"create volume directory {path}", err) from err

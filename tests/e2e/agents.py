@@ -1,0 +1,71 @@
+"""Start the three agents as real processes on loopback, with real TLS, for tests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LISTENING = re.compile(r"event=listening port=(\d+)")
+
+
+@dataclass
+class Agent:
+    """A running agent process and the port it listens on."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    args: list[str] = field(default_factory=list)
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def replication(*args: str) -> list[str]:
+    return [sys.executable, "-m", "replication", *args]
+
+
+def start(args: list[str], log: Path, timeout: float = 30.0) -> Agent:
+    """Start an agent; wait (bounded) for its 'listening' line; return it."""
+    out = open(log, "ab")  # noqa: SIM115 - the child keeps writing after we return
+    proc = subprocess.Popen(args, stdout=out, stderr=out)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = LISTENING.search(log.read_text(errors="replace"))
+        if m:
+            return Agent(proc, int(m.group(1)), log, args)
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited rc={proc.returncode}: {log.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"agent did not start in {timeout} s: {log.read_text()}")
+
+
+def restart(agent: Agent, port: int) -> Agent:
+    """Start the same agent again on the same port (after a kill)."""
+    args = [a if not a.endswith(":0") else a[:-2] + f":{port}" for a in agent.args]
+    return start(args, agent.log)
+
+
+def init_tls(directory: Path) -> Path:
+    subprocess.run(
+        replication("certs", "init", str(directory), "--host", "localhost"),
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return directory
