@@ -198,3 +198,37 @@ def test_an_unregistered_volume_is_refused(deployment):
     )
     assert proc.returncode != 0
     assert "volume" in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+def test_a_killed_process_server_replays_its_spool(deployment):
+    _, tls, vhd, vmdk, expected, _, proxy, agents = deployment
+    proxy.delay = 0.05  # slow source link, so the kill lands mid-stream
+    src = subprocess.Popen(
+        replication(
+            "source-agent",
+            "--process-server",
+            f"127.0.0.1:{proxy.port}",
+            "--tls-dir",
+            str(tls),
+            "--disk",
+            f"vol1={vhd}",
+            "--once",
+            "--deadline",
+            "200",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while proxy.bytes_up < 300_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert src.poll() is None, "the source finished before the kill: nothing was tested"
+    agents["ps"].kill()
+    agents["ps"] = restart(agents["ps"], agents["ps"].port)
+    proxy.delay = 0
+    _, err = src.communicate(timeout=280)
+    assert src.returncode == 0, err
+    for a in agents.values():
+        a.stop()
+    assert qemu_compare(expected, vmdk, "vmdk").returncode == 0
