@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from replication import tls, wire
+from replication import metrics, tls, wire
 from replication.errors import RemoteProtocolError, ReplicationError
 from replication.protocol import AckLevel, Hello, negotiate
 from replication.server import abort_with
@@ -87,7 +87,13 @@ class MasterTargetService(data_pb2_grpc.MasterTargetServicer):
         if opened is None:
             raise RemoteProtocolError("frame before OpenSession")
         if isinstance(msg, wire.FrameMsg):
-            self._applier.apply(opened[0], opened[1], msg.seq, msg.frame)
+            try:
+                self._applier.apply(opened[0], opened[1], msg.seq, msg.frame)
+            except ReplicationError as err:
+                metrics.REJECTED.labels(err.code).inc()
+                raise
+            metrics.FRAMES.labels("in").inc()
+            metrics.BYTES.labels("in").inc(len(msg.frame))
         return opened
 
 

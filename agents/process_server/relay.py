@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from replication import wire
+from replication import metrics, wire
 from replication.errors import RemoteProtocolError
 from replication.frame import peek_header
 from replication.protocol import AckLevel
@@ -109,6 +109,10 @@ class Relay:
             synced = self._spool.sync()
             self._lock.notify_all()  # forwarders: new frames to send
             received = synced.get(key, self._spool.state(*key)[0])
+            metrics.SPOOL_BYTES.set(self._spool.used_bytes)
+            metrics.BACKLOG_FRAMES.set(received - self._spool.state(*key)[1])
+        metrics.FRAMES.labels("in").inc(len(frames))
+        metrics.BYTES.labels("in").inc(sum(len(f.frame) for f in frames))
         log.debug(
             "event=spooled volume=%s frames=%d received_seq=%d", key[0], len(frames), received
         )
@@ -218,6 +222,7 @@ class Relay:
         log.debug("event=persisted volume=%s seq=%d", key[0], seq)
         with self._lock:
             self._spool.mark_persisted(key[0], key[1], seq)
+            metrics.SPOOL_BYTES.set(self._spool.used_bytes)
             self._lock.notify_all()  # sources waiting for spool space
             sub = self._subscribers.get(key)
         if sub is not None:
@@ -240,6 +245,8 @@ class Relay:
                     continue
             for seq, frame in batch:
                 yield wire.source_message_to_pb(wire.FrameMsg(seq, frame))
+                metrics.FRAMES.labels("out").inc()
+                metrics.BYTES.labels("out").inc(len(frame))
                 sent = seq
             time.sleep(0)
 

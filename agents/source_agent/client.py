@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from replication import wire
+from replication import metrics, wire
 from replication.certs import Identity
 from replication.errors import PairFailedError
 from replication.hashmap import HashMap, compute_maps
@@ -99,6 +99,7 @@ class Replicator:
         try:
             for pb in call:
                 ack = wire.ack_from_pb(pb)
+                _update_metrics(self.session)
                 log.debug("event=ack seq=%d level=%s", ack.seq, ack.level.name)
                 with self._acked:
                     self.session.on_ack(ack.seq, ack.level)
@@ -141,6 +142,21 @@ class Replicator:
                 out.put(wire.FrameMsg(seq, frame))
         if not stop.is_set():
             out.put(wire.CloseMsg(s.last_seq))
+
+
+_reported = {"frames": 0, "bytes": 0}
+
+
+def _update_metrics(session: SourceSession) -> None:
+    s = session.stats
+    metrics.FRAMES.labels("out").inc(s.frames_sent - _reported["frames"])
+    metrics.BYTES.labels("out").inc(s.bytes_framed - _reported["bytes"])
+    _reported.update(frames=s.frames_sent, bytes=s.bytes_framed)
+    metrics.RESYNC_BLOCKS.labels("total").set(s.blocks_total)
+    metrics.RESYNC_BLOCKS.labels("to_send").set(s.blocks_to_send)
+    metrics.BACKLOG_FRAMES.set(session.last_seq - s.persisted_seq)
+    if s.bytes_framed:
+        metrics.COMPRESSION_RATIO.set(s.bytes_plain / s.bytes_framed)
 
 
 def handshake(stub) -> None:

@@ -9,6 +9,7 @@ files searched for a plaintext marker.
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -232,3 +233,44 @@ def test_a_killed_process_server_replays_its_spool(deployment):
     for a in agents.values():
         a.stop()
     assert qemu_compare(expected, vmdk, "vmdk").returncode == 0
+
+
+def test_health_and_metrics_endpoints(tmp_path):
+    import urllib.request
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from replication.certs import load_identity
+    from replication.tls import secure_channel
+
+    tls = init_tls(tmp_path / "tls")
+    raw = tmp_path / "v.raw"
+    raw.write_bytes(b"\0" * (1 << 20))
+    mt = start(
+        replication(
+            "master-target",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / "mt"),
+            "--tls-dir",
+            str(tls),
+            "--volume",
+            f"v={raw}",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ),
+        tmp_path / "mt.log",
+    )
+    try:
+        metrics_port = int(re.search(r"metrics_port=(\d+)", mt.log.read_text()).group(1))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        text = body.read().decode()
+        assert "replication_frames_total" in text and "replication_spool_bytes" in text
+        ident = load_identity(tls, "orchestrator")
+        with secure_channel(f"127.0.0.1:{mt.port}", ident) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        mt.stop()

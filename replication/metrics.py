@@ -1,0 +1,31 @@
+"""Prometheus metrics of the agents (prometheus-client), one registry per process.
+
+Names follow Prometheus conventions; every agent exports the same families and
+fills those that concern it. Served by ``--metrics-listen HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+__all__ = [
+    "BACKLOG_FRAMES",
+    "BYTES",
+    "COMPRESSION_RATIO",
+    "FRAMES",
+    "REJECTED",
+    "RESYNC_BLOCKS",
+    "RPO_SECONDS",
+    "SPOOL_BYTES",
+]
+
+BYTES = Counter("replication_bytes", "Frame bytes moved", ["direction"])
+FRAMES = Counter("replication_frames", "Frames moved", ["direction"])
+REJECTED = Counter("replication_rejected_frames", "Frames refused", ["code"])
+SPOOL_BYTES = Gauge("replication_spool_bytes", "Bytes held in the process server's spool")
+BACKLOG_FRAMES = Gauge("replication_backlog_frames", "Frames sent or spooled, not yet PERSISTED")
+COMPRESSION_RATIO = Gauge(
+    "replication_compression_ratio", "Plain bytes / framed bytes, last session"
+)
+RESYNC_BLOCKS = Gauge("replication_resync_blocks", "Blocks of the current resync", ["state"])
+RPO_SECONDS = Gauge("replication_rpo_seconds", "Age of the oldest write not yet PERSISTED")
