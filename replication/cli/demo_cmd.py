@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ..blocks import parse_size
 from ..disks import create_disk, open_disk
+from ..errors import PairFailedError
 from ..sync import SyncOptions, SyncReport, sync_paths
 from .sync_cmd import format_report
 
@@ -73,26 +76,107 @@ def _demo(work: Path, size: int, change: float, seed: int) -> int:
     changed = _run_workload(vhd, size, change, rng)
     print(f"   {changed} blocks rewritten in {vhd.name}\n")
 
-    _step("4. failback: delta sync Azure VHD -> original on-prem VMDK")
-    dry = sync_paths(str(vhd), str(vmdk), SyncOptions(dry_run=True))
+    _step("4. failback preflight (dry run, nothing written)")
+    dry = sync_paths(str(vhd), str(vmdk), SyncOptions(dry_run=True, use_map_cache=False))
     print(
-        f"   preflight: {dry.blocks_differing} blocks "
-        f"({dry.blocks_differing * BLOCK / 2**20:.1f} MiB) will move; "
-        f"{dry.blocks_total - dry.blocks_differing} are already equal"
+        f"   {dry.blocks_differing} blocks ({dry.blocks_differing * BLOCK / 2**20:.1f} MiB)"
+        f" will move; {dry.blocks_total - dry.blocks_differing} are already equal\n"
     )
-    report = sync_paths(str(vhd), str(vmdk))
-    _show(report)
 
-    _step("5. verify")
+    _step("5. failback over the wire: source agent -> process server -> master target")
+    started = time.monotonic()
+    summary = _failback_through_agents(work, vhd, vmdk)
+    seconds = time.monotonic() - started
+    print(f"   {summary}\n")
+
+    _step("6. verify")
     ok = _verify(vhd, vmdk)
-    full = size
-    moved = report.bytes_written + report.bytes_zeroed
     print(
-        f"\nreport: failback moved {moved / 2**20:.1f} MiB of a {full >> 20} MiB disk "
-        f"({moved / full:.2%}), {report.bytes_wire / 2**20:.1f} MiB on the wire, "
-        f"in {report.seconds:.2f} s; target {'identical' if ok else 'DIFFERENT'}"
+        f"\nreport: failback of a {size >> 20} MiB disk moved {dry.blocks_differing} "
+        f"changed blocks through mutual TLS, zstd and AES-GCM in {seconds:.2f} s "
+        f"(agents' start-up included); target {'identical' if ok else 'DIFFERENT'}"
     )
     return 0 if ok else 1
+
+
+def _failback_through_agents(work: Path, vhd: Path, vmdk: Path) -> str:
+    """Run the three agents on loopback with fresh certificates; return the source's line."""
+    from ..certs import init_tls_dir
+
+    tls = work / "tls"
+    init_tls_dir(tls, ["localhost"])
+    agents = []
+    try:
+        mt = _start_agent(
+            work / "mt.log",
+            "master-target",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(work / "mt"),
+            "--tls-dir",
+            str(tls),
+            "--volume",
+            f"onprem={vmdk}",
+        )
+        agents.append(mt)
+        ps = _start_agent(
+            work / "ps.log",
+            "process-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--master-target",
+            f"127.0.0.1:{mt[1]}",
+            "--spool-dir",
+            str(work / "spool"),
+            "--tls-dir",
+            str(tls),
+        )
+        agents.append(ps)
+        print(f"   master target on 127.0.0.1:{mt[1]}, process server on 127.0.0.1:{ps[1]}")
+        src = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "replication",
+                "source-agent",
+                "--process-server",
+                f"127.0.0.1:{ps[1]}",
+                "--tls-dir",
+                str(tls),
+                "--disk",
+                f"onprem={vhd}",
+                "--once",
+                "--deadline",
+                "600",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        if src.returncode != 0:
+            raise PairFailedError(f"source agent failed: {src.stderr.strip().splitlines()[-1]}")
+        return src.stdout.strip()
+    finally:
+        for proc, _ in agents:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _start_agent(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    out = open(log, "wb")  # noqa: SIM115 - the agent writes it until it stops
+    proc = subprocess.Popen([sys.executable, "-m", "replication", *args], stdout=out, stderr=out)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = re.search(r"event=listening port=(\d+)", log.read_text(errors="replace"))
+        if m:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise PairFailedError(f"{args[0]} did not start: {log.read_text()[-500:]}")
 
 
 def _step(title: str) -> None:

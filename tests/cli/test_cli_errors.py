@@ -103,3 +103,15 @@ def test_python_dash_m_and_console_script_agree():
     assert "sync" in a.stdout and a.stdout.replace("replication", "") == b.stdout.replace(
         "replication", ""
     ).replace("__main__.py", "")
+
+
+def test_demo_runs_the_failback_and_reports_identical(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "replication", "demo", "--size", "32M", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "qemu-img compare: Images are identical." in proc.stdout
+    assert "all PERSISTED" in proc.stdout and "target identical" in proc.stdout
