@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 
 __all__ = ["setup_logging"]
@@ -15,6 +17,8 @@ def setup_logging(component: str, level: str | None = None) -> logging.Logger:
     The level comes from ``level``, else ``$REPLICATION_LOG_LEVEL``, else INFO.
     """
     level = level or os.environ.get("REPLICATION_LOG_LEVEL", "INFO")
+    # `kill -USR1 PID` dumps every thread's stack to stderr: how to see a stuck agent
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(

@@ -50,9 +50,11 @@ def fetch_target_map(stub, volume: str, block_size: int, covered: int) -> HashMa
 class Replicator:
     """Drive one SourceSession over one process server channel until PERSISTED."""
 
-    def __init__(self, session: SourceSession, stub, *, deadline: float) -> None:
+    def __init__(self, session: SourceSession, stub, *, deadline: float, reconnect=None) -> None:
         self.session = session
         self.stub = stub
+        # after a failure, a fresh channel: a half-dead connection must not be reused
+        self._reconnect = reconnect
         self.deadline = time.monotonic() + deadline
         self._acked = threading.Condition()
 
@@ -77,11 +79,13 @@ class Replicator:
                     raise PairFailedError(f"refused: {err.details()}") from None
                 log.warning("event=stream_cut attempt=%d status=%s", attempt, err.code())
                 time.sleep(min(2.0, 0.1 * attempt))
+                if self._reconnect is not None:
+                    self.stub = self._reconnect()
 
     def _resume_point(self) -> list[tuple[int, bytes]]:
         sid = wire.session_id_to_pb(self.session.volume, self.session.session)
         persisted, _received = wire.session_state_from_pb(
-            self.stub.GetSessionState(sid, timeout=30)
+            self.stub.GetSessionState(sid, timeout=10)
         )
         log.info("event=resume persisted_seq=%d", persisted)
         return self.session.resend_after(persisted)
@@ -177,18 +181,26 @@ def replicate_once(
     deadline: float = 3600.0,
 ) -> SourceSession:
     """Bring ``volume`` level with ``disk`` and return the finished session."""
-    channel = secure_channel(address, identity, server_host=server_host)
+    channels = []
+
+    def connect():
+        for old in channels:
+            old.close()
+        channels[:] = [secure_channel(address, identity, server_host=server_host)]
+        return data_pb2_grpc.ProcessServerStub(channels[0])
+
     try:
-        return _replicate(channel, disk, volume, secret, block_size, deadline)
+        return _replicate(connect, disk, volume, secret, block_size, deadline)
     except grpc.RpcError as err:
         raise error_from_rpc(err, f"replicate {volume} via {address}") from None
     finally:
-        channel.close()
+        for channel in channels:
+            channel.close()
 
 
-def _replicate(channel, disk, volume, secret, block_size, deadline) -> SourceSession:
+def _replicate(connect, disk, volume, secret, block_size, deadline) -> SourceSession:
     """Handshake, fetch the target map, plan, and stream until PERSISTED."""
-    stub = data_pb2_grpc.ProcessServerStub(channel)
+    stub = connect()
     handshake(stub)
     target_map = fetch_target_map(stub, volume, block_size, disk.virtual_size)
     (source_map,) = compute_maps([(disk, None)], block_size)
@@ -199,8 +211,5 @@ def _replicate(channel, disk, volume, secret, block_size, deadline) -> SourceSes
         session.stats.blocks_total,
         session.stats.blocks_to_send,
     )
-    Replicator(session, stub, deadline=deadline).run()
+    Replicator(session, stub, deadline=deadline, reconnect=connect).run()
     return session
-
-
-__all__ = ["replicate_once"]
