@@ -121,3 +121,15 @@ def error_from_rpc(err: grpc.RpcError, context: str) -> ReplicationError:
     if code is None and status == grpc.StatusCode.UNAVAILABLE:
         details = f"peer unreachable or TLS refused ({details})"
     return cls(f"{context}: {details}")
+
+
+def answer_handshake(request, context: grpc.ServicerContext, role: str):
+    """Serve ``Handshake``: negotiate with the caller's Hello, reply with ours."""
+    from . import wire
+    from .protocol import Hello, negotiate
+
+    try:
+        negotiate(Hello(role=role), wire.hello_from_pb(request))
+    except ReplicationError as err:
+        abort_with(context, err)
+    return wire.hello_to_pb(Hello(role=role))

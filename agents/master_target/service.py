@@ -16,8 +16,8 @@ import grpc
 
 from replication import metrics, tls, wire
 from replication.errors import RemoteProtocolError, ReplicationError
-from replication.protocol import AckLevel, Hello, negotiate
-from replication.server import abort_with
+from replication.protocol import AckLevel, Hello
+from replication.server import abort_with, answer_handshake
 from replication.streams import batches
 from replication.v1 import control_pb2, control_pb2_grpc, data_pb2_grpc
 
@@ -33,11 +33,7 @@ class MasterTargetService(data_pb2_grpc.MasterTargetServicer):
 
     def Handshake(self, request, context):
         tls.require_role(context, "process-server")
-        try:
-            negotiate(Hello(role=ROLE), wire.hello_from_pb(request))
-        except ReplicationError as err:
-            abort_with(context, err)
-        return wire.hello_to_pb(Hello(role=ROLE))
+        return answer_handshake(request, context, ROLE)
 
     def GetHashMap(self, request, context):
         tls.require_role(context, "process-server")

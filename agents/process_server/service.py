@@ -10,8 +10,8 @@ import grpc
 
 from replication import tls, wire
 from replication.errors import RemoteProtocolError, ReplicationError
-from replication.protocol import AckLevel, Hello, negotiate
-from replication.server import abort_with
+from replication.protocol import AckLevel
+from replication.server import abort_with, answer_handshake
 from replication.streams import batches
 from replication.v1 import data_pb2_grpc
 
@@ -31,11 +31,7 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
 
     def Handshake(self, request, context):
         tls.require_role(context, "source")
-        try:
-            negotiate(Hello(role=ROLE), wire.hello_from_pb(request))
-        except ReplicationError as err:
-            abort_with(context, err)
-        return wire.hello_to_pb(Hello(role=ROLE))
+        return answer_handshake(request, context, ROLE)
 
     def GetHashMap(self, request, context):
         tls.require_role(context, "source")

@@ -124,6 +124,33 @@ def compressed_changed_bytes(expected: Path, changed: list[int]) -> int:
     return total
 
 
+def start_source_mid_stream(tls: Path, proxy: FaultProxy, vhd: Path, *, deadline: int):
+    """Start the source behind a slow proxy; return once frames flow, the source still busy."""
+    proxy.delay = 0.05  # a slow link, so the faults land mid-stream
+    src = subprocess.Popen(
+        replication(
+            "source-agent",
+            "--process-server",
+            f"127.0.0.1:{proxy.port}",
+            "--tls-dir",
+            str(tls),
+            "--disk",
+            f"vol1={vhd}",
+            "--once",
+            "--deadline",
+            str(deadline),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    give_up = time.monotonic() + 60
+    while proxy.bytes_up < 300_000 and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert src.poll() is None, "the source finished before the faults: nothing was tested"
+    return src
+
+
 def test_resync_moves_only_the_delta_and_leaves_the_target_identical(deployment):
     tmp_path, tls, vhd, vmdk, expected, changed, proxy, agents = deployment
     proc = run_source(tls, proxy.port, vhd)
@@ -142,28 +169,7 @@ def test_resync_moves_only_the_delta_and_leaves_the_target_identical(deployment)
 
 def test_a_cut_and_a_killed_master_target_lose_nothing(deployment):
     _, tls, vhd, vmdk, expected, _, proxy, agents = deployment
-    proxy.delay = 0.05  # a slow link, so the faults land mid-stream
-    src = subprocess.Popen(
-        replication(
-            "source-agent",
-            "--process-server",
-            f"127.0.0.1:{proxy.port}",
-            "--tls-dir",
-            str(tls),
-            "--disk",
-            f"vol1={vhd}",
-            "--once",
-            "--deadline",
-            "200",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while proxy.bytes_up < 300_000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert src.poll() is None, "the source finished before the faults: nothing was tested"
+    src = start_source_mid_stream(tls, proxy, vhd, deadline=200)
     proxy.stall(True)  # a dead link first: connections open, nothing moves
     time.sleep(1.0)
     proxy.stall(False)
@@ -216,28 +222,7 @@ def test_an_unregistered_volume_is_refused(deployment):
 )
 def test_a_killed_process_server_replays_its_spool(deployment):
     _, tls, vhd, vmdk, expected, _, proxy, agents = deployment
-    proxy.delay = 0.05  # slow source link, so the kill lands mid-stream
-    src = subprocess.Popen(
-        replication(
-            "source-agent",
-            "--process-server",
-            f"127.0.0.1:{proxy.port}",
-            "--tls-dir",
-            str(tls),
-            "--disk",
-            f"vol1={vhd}",
-            "--once",
-            "--deadline",
-            "60",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while proxy.bytes_up < 300_000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert src.poll() is None, "the source finished before the kill: nothing was tested"
+    src = start_source_mid_stream(tls, proxy, vhd, deadline=60)
     agents["ps"].kill()
     agents["ps"] = restart(agents["ps"], agents["ps"].port)
     proxy.delay = 0
