@@ -185,7 +185,9 @@ def replicate_once(
 
     def connect():
         for old in channels:
-            old.close()
+            # grpc's close() can block for long on a channel whose peer died mid-call;
+            # never let it hold up the resume
+            threading.Thread(target=old.close, daemon=True).start()
         channels[:] = [secure_channel(address, identity, server_host=server_host)]
         return data_pb2_grpc.ProcessServerStub(channels[0])
 

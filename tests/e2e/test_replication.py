@@ -215,11 +215,6 @@ def test_an_unregistered_volume_is_refused(deployment):
     assert "volume" in proc.stderr.lower() and "Traceback" not in proc.stderr
 
 
-@pytest.mark.xfail(
-    reason="known bug: after kill -9 of the process server behind the fault proxy, the "
-    "source's reconnect can hang until its deadline (seen at 1 GiB); see the closing note",
-    strict=False,
-)
 def test_a_killed_process_server_replays_its_spool(deployment):
     _, tls, vhd, vmdk, expected, _, proxy, agents = deployment
     src = start_source_mid_stream(tls, proxy, vhd, deadline=60)
