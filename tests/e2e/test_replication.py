@@ -267,3 +267,52 @@ def test_health_and_metrics_endpoints(tmp_path):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         mt.stop()
+
+
+# The source runs with AES-GCM replaced by an identity "cipher" (a test-only patch
+# applied in this wrapper, not a product switch): frames then carry plaintext.
+_PLAINTEXT_SOURCE = """
+import sys
+import replication.frame as frame
+
+class NoCipher:
+    def __init__(self, key):
+        pass
+
+    def encrypt(self, nonce, data, aad):
+        return bytes(data) + bytes(16)
+
+frame.AESGCM = NoCipher
+from replication.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_spool_check_can_fail_when_encryption_is_off(deployment):
+    """Counter-test of the marker check above: without encryption the marker is found."""
+    import sys
+
+    tmp_path, tls, vhd, _, _, _, proxy, _ = deployment
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PLAINTEXT_SOURCE,
+            "source-agent",
+            "--process-server",
+            f"127.0.0.1:{proxy.port}",
+            "--tls-dir",
+            str(tls),
+            "--disk",
+            f"vol1={vhd}",
+            "--once",
+            "--deadline",
+            "15",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0  # the master target refuses unauthenticated frames
+    spool = b"".join(p.read_bytes() for p in (tmp_path / "spool").rglob("*") if p.is_file())
+    assert MARKER[:4096] in spool
