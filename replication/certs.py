@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .durable import write_atomically
 from .errors import CertificateError, UsageError
 
 __all__ = [
@@ -281,19 +282,7 @@ def role_of(cert: x509.Certificate | bytes) -> str | None:
 
 def _write_file(path: Path, data: bytes, *, private: bool) -> None:
     """Write ``path`` atomically; mode 0600 for private files, 0644 otherwise."""
-    mode = 0o600 if private else 0o644
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # the umask may have removed bits we want
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, data, mode=0o600 if private else 0o644)
 
 
 def _mkdir_private(path: Path) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 from .errors import ConfigError
 from .keys import load_secret
 
-__all__ = ["load_config", "load_passphrase", "merge"]
+__all__ = ["load_config", "load_passphrase", "merge", "parse_assignments"]
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +147,16 @@ def load_passphrase(path: str | os.PathLike[str], *, allow_insecure: bool = Fals
             raise ConfigError(message, hint=f"chmod 600 {p}")
         log.warning("%s (use chmod 600)", message)
     return load_secret(p)
+
+
+def parse_assignments(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
+    """Parse repeated ``--flag NAME=PATH`` values into (name, path) pairs."""
+    from .errors import UsageError
+
+    pairs = []
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"{flag} {item!r}: expected NAME=PATH")
+        pairs.append((name, path))
+    return pairs

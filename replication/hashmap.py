@@ -36,7 +36,6 @@ end-16  16    XXH3-128 of every preceding byte of the file
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 import threading
 from collections import deque
@@ -48,6 +47,7 @@ import xxhash
 
 from .blocks import block_count, check_block_size
 from .disks.base import Disk
+from .durable import write_atomically
 from .errors import HashMapFormatError
 
 __all__ = ["HashMap", "compute_maps", "zero_digest"]
@@ -158,18 +158,7 @@ class HashMap:
 
     def save(self, path: str) -> None:
         """Write the map durably: temporary file, fsync, rename, fsync directory."""
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(self.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # rename is only durable once the directory entry itself is on disk
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomically(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str) -> HashMap:

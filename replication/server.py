@@ -9,6 +9,7 @@ with :func:`abort_with`, carrying the stable error code in trailing metadata.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,9 +20,12 @@ from .certs import Identity
 from .errors import (
     DiskFullError,
     FrameError,
+    InvalidVolumeNameError,
     OutOfRangeError,
     ProtocolError,
     ReplicationError,
+    UnknownVolumeError,
+    VolumeExistsError,
 )
 from .tls import ERROR_CODE_METADATA, server_credentials
 
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: gRPC status per error family; the most specific class listed wins
 _STATUS = (
+    (UnknownVolumeError, grpc.StatusCode.NOT_FOUND),
+    (InvalidVolumeNameError, grpc.StatusCode.INVALID_ARGUMENT),
+    (VolumeExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
     (FrameError, grpc.StatusCode.DATA_LOSS),
@@ -45,8 +52,6 @@ def status_for(err: ReplicationError) -> grpc.StatusCode:
             return status
     if err.retryable:
         return grpc.StatusCode.UNAVAILABLE
-    if err.code.startswith("volume."):
-        return grpc.StatusCode.NOT_FOUND
     return grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -133,3 +138,13 @@ def answer_handshake(request, context: grpc.ServicerContext, role: str):
     except ReplicationError as err:
         abort_with(context, err)
     return wire.hello_to_pb(Hello(role=role))
+
+
+def wait_for_signal(stop: threading.Event | None = None) -> None:
+    """Block until SIGTERM or SIGINT (or until ``stop`` is set by an embedding caller)."""
+    import signal
+
+    stop = stop or threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()

@@ -50,6 +50,7 @@ from typing import BinaryIO, Final, Literal
 
 import xxhash
 
+from .durable import fsync_dir, write_atomically
 from .errors import (
     FrameFormatError,
     FrameGapError,
@@ -190,14 +191,6 @@ def _check_body(buf: bytes | memoryview, head: _Head) -> tuple[str, memoryview]:
 def _read_exact(f: BinaryIO, offset: int, size: int) -> bytes:
     f.seek(offset)
     return f.read(size)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _truncate_durably(path: Path, size: int) -> None:
@@ -526,7 +519,7 @@ class Spool:
     def _fsync_or_rollback(self, fd: int | None) -> None:
         try:
             if fd is None:
-                _fsync_dir(self._dir)
+                fsync_dir(self._dir)
             else:
                 os.fsync(fd)
         except OSError as err:
@@ -571,7 +564,7 @@ class Spool:
             # crash could bring the dropped records back beside their resends.
             if self._pending_cut is not None and self._pending_cut[0].exists():
                 _truncate_durably(*self._pending_cut)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         except OSError as err:
             if _is_enospc(err):
                 raise SpoolDiskFullError(f"no space to fsync the spool in {self._dir}") from err
@@ -599,20 +592,10 @@ class Spool:
         body = json.dumps({"version": 1, "sessions": entries}, separators=(",", ":"))
         text = f"{body}\n{xxhash.xxh3_64_hexdigest(body.encode())}\n".encode()
         path = self._dir / CURSOR_FILE
-        tmp = path.with_name(CURSOR_FILE + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(text)
-                while view:
-                    view = view[os.write(fd, view) :]
-                # The new cursor must be on disk before the rename publishes it, and the
-                # rename durable before any segment it releases is deleted.
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            _fsync_dir(self._dir)
+            # The new cursor must be on disk before the rename publishes it, and the
+            # rename durable before any segment it releases is deleted.
+            write_atomically(path, text, mode=0o600)
         except OSError as err:
             # The in-memory cursor stays (it is true); the file is retried at the next
             # sync or mark. Nothing is deleted on the strength of an unsaved cursor.
@@ -638,7 +621,7 @@ class Spool:
             # Make deletions durable: segment numbers restart at 1 when the spool is
             # empty at open, and a resurrected old segment would then sort wrongly.
             try:
-                _fsync_dir(self._dir)
+                fsync_dir(self._dir)
             except OSError as err:
                 self._broken = f"cannot fsync {self._dir}: {err}"
 
@@ -772,7 +755,7 @@ class Spool:
                 os.close(fd)
             last = self._segments[numbers[-1]]
             self._sync_point = (last.number, last.size)
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         self._collect()
 
     def _scan_segment(self, segment: _Segment, seen: dict[SessionKey, int], *, last: bool) -> None:

@@ -209,8 +209,6 @@ class _Encoders:
         self._level = level
         self._disk_id = disk_id
         self._local = threading.local()
-        self._seq = 0
-        self._lock = threading.Lock()
 
     def encode(self, offset: int, data: bytes) -> int:
         """Encode one frame; return its size on the wire."""

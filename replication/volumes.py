@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .disks import create_disk, open_disk
 from .disks.base import io_error
+from .durable import fsync_dir, write_atomically
 from .errors import (
     ConfigError,
     InvalidVolumeNameError,
@@ -271,31 +272,16 @@ class VolumeRegistry:
                 for name, e in sorted(self._created.items())
             },
         }
-        tmp = path.with_name(f"{MANIFEST_NAME}.tmp.{os.getpid()}")
         try:
-            with open(tmp, "w") as f:
-                json.dump(doc, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            # The rename is durable only once the directory entry is on disk.
-            _fsync_dir(str(path.parent))
+            write_atomically(path, json.dumps(doc, indent=1, sort_keys=True).encode())
         except OSError as err:
             raise io_error(f"write volume manifest {path}", err) from err
-
-
-def _fsync_dir(path: str) -> None:
-    dfd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _make_dir(path: str) -> None:
     """Create a volume's directory durably (its entry in the datastore is fsynced)."""
     try:
         os.makedirs(path, mode=0o755, exist_ok=True)
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
     except OSError as err:
         raise io_error(f"create volume directory {path}", err) from err

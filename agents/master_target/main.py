@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 from replication.applier import Applier
 from replication.certs import load_identity
-from replication.config import load_passphrase
+from replication.config import load_passphrase, parse_assignments
 from replication.logs import setup_logging
-from replication.server import create_server, start_metrics
+from replication.server import create_server, start_metrics, wait_for_signal
 from replication.v1 import control_pb2_grpc, data_pb2_grpc
 from replication.volumes import VolumeRegistry
 
@@ -38,7 +37,9 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
     )
     data_dir = Path(settings["data_dir"])
     data_dir.mkdir(parents=True, exist_ok=True)
-    registry = VolumeRegistry(dict(_volume_pairs(settings["volume"])), settings["datastore"])
+    registry = VolumeRegistry(
+        dict(parse_assignments(settings["volume"], "--volume")), settings["datastore"]
+    )
     applier = Applier(registry, data_dir / "apply-state.sqlite", secret)
     lock = threading.Lock()
 
@@ -54,24 +55,7 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
         metrics,
         ",".join(registry.names()),
     )
-    _wait(stop)
+    wait_for_signal(stop)
     server.stop(grace=5).wait()
     log.info("event=stopped")
     return 0
-
-
-def _volume_pairs(items: list[str]):
-    from replication.errors import UsageError
-
-    for item in items or []:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise UsageError(f"--volume {item!r}: expected NAME=PATH")
-        yield name, path
-
-
-def _wait(stop: threading.Event | None) -> None:
-    stop = stop or threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()

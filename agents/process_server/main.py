@@ -8,12 +8,11 @@ from typing import Any
 
 from replication.certs import load_identity
 from replication.logs import setup_logging
-from replication.server import create_server, start_metrics
+from replication.server import create_server, start_metrics, wait_for_signal
 from replication.spool import Spool
 from replication.tls import secure_channel
 from replication.v1 import data_pb2_grpc
 
-from ..master_target.main import _wait
 from .relay import Relay
 from .service import ProcessServerService
 
@@ -55,7 +54,7 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
     relay.resume_all()
     metrics = start_metrics(settings["metrics_listen"])
     log.info("event=listening port=%d metrics_port=%s spool=%s", port, metrics, spool_dir)
-    _wait(stop)
+    wait_for_signal(stop)
     server.stop(grace=5).wait()
     relay.stop()
     channel.close()

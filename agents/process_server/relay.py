@@ -11,12 +11,11 @@ After a restart, every session with unforwarded frames gets its forwarder back
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import os
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import grpc
 
 from replication import metrics, wire
+from replication.durable import write_atomically
 from replication.errors import RemoteProtocolError
 from replication.frame import peek_header
 from replication.protocol import AckLevel
@@ -61,12 +61,8 @@ class SessionBook:
 
     def put(self, meta: SessionMeta) -> None:
         self._sessions[meta.key] = meta
-        tmp = self._path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump([asdict(m) for m in self._sessions.values()], f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path)
+        doc = json.dumps([asdict(m) for m in self._sessions.values()])
+        write_atomically(self._path, doc.encode())
 
     def get(self, key: SessionKey) -> SessionMeta | None:
         return self._sessions.get(key)
@@ -237,7 +233,7 @@ class Relay:
         sent = self.state(key)[1]
         while not self._stopping.is_set():
             with self._lock:
-                batch = list(_take(self._spool.pending(key[0], key[1], sent), 16))
+                batch = list(itertools.islice(self._spool.pending(key[0], key[1], sent), 16))
                 if not batch:
                     if self._finished(key):
                         return
@@ -248,11 +244,3 @@ class Relay:
                 metrics.FRAMES.labels("out").inc()
                 metrics.BYTES.labels("out").inc(len(frame))
                 sent = seq
-            time.sleep(0)
-
-
-def _take(it: Iterator, n: int) -> Iterator:
-    for i, item in enumerate(it):
-        if i >= n:
-            return
-        yield item

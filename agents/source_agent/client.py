@@ -20,7 +20,7 @@ import numpy as np
 
 from replication import metrics, wire
 from replication.certs import Identity
-from replication.errors import PairFailedError
+from replication.errors import ERRORS_BY_CODE, PairFailedError
 from replication.hashmap import HashMap, compute_maps
 from replication.protocol import Hello, negotiate
 from replication.server import error_code_of, error_from_rpc
@@ -55,6 +55,7 @@ class Replicator:
         self.stub = stub
         # after a failure, a fresh channel: a half-dead connection must not be reused
         self._reconnect = reconnect
+        self._reported = (0, 0)  # frames and bytes already added to the counters
         self.deadline = time.monotonic() + deadline
         self._acked = threading.Condition()
 
@@ -74,13 +75,25 @@ class Replicator:
                 self._stream(resend)
             except grpc.RpcError as err:
                 attempt += 1
-                code = error_code_of(err)
-                if code and not code.startswith(("disk.io", "spool.full")):
+                refused = ERRORS_BY_CODE.get(error_code_of(err) or "")
+                if refused is not None and not refused.retryable:
                     raise PairFailedError(f"refused: {err.details()}") from None
                 log.warning("event=stream_cut attempt=%d status=%s", attempt, err.code())
                 time.sleep(min(2.0, 0.1 * attempt))
                 if self._reconnect is not None:
                     self.stub = self._reconnect()
+
+    def _update_metrics(self) -> None:
+        """Publish the session's counters (counters only ever grow by the new part)."""
+        s = self.session.stats
+        metrics.FRAMES.labels("out").inc(s.frames_sent - self._reported[0])
+        metrics.BYTES.labels("out").inc(s.bytes_framed - self._reported[1])
+        self._reported = (s.frames_sent, s.bytes_framed)
+        metrics.RESYNC_BLOCKS.labels("total").set(s.blocks_total)
+        metrics.RESYNC_BLOCKS.labels("to_send").set(s.blocks_to_send)
+        metrics.BACKLOG_FRAMES.set(self.session.last_seq - s.persisted_seq)
+        if s.bytes_framed:
+            metrics.COMPRESSION_RATIO.set(s.bytes_plain / s.bytes_framed)
 
     def _resume_point(self) -> list[tuple[int, bytes]]:
         sid = wire.session_id_to_pb(self.session.volume, self.session.session)
@@ -103,7 +116,7 @@ class Replicator:
         try:
             for pb in call:
                 ack = wire.ack_from_pb(pb)
-                _update_metrics(self.session)
+                self._update_metrics()
                 log.debug("event=ack seq=%d level=%s", ack.seq, ack.level.name)
                 with self._acked:
                     self.session.on_ack(ack.seq, ack.level)
@@ -146,21 +159,6 @@ class Replicator:
                 out.put(wire.FrameMsg(seq, frame))
         if not stop.is_set():
             out.put(wire.CloseMsg(s.last_seq))
-
-
-_reported = {"frames": 0, "bytes": 0}
-
-
-def _update_metrics(session: SourceSession) -> None:
-    s = session.stats
-    metrics.FRAMES.labels("out").inc(s.frames_sent - _reported["frames"])
-    metrics.BYTES.labels("out").inc(s.bytes_framed - _reported["bytes"])
-    _reported.update(frames=s.frames_sent, bytes=s.bytes_framed)
-    metrics.RESYNC_BLOCKS.labels("total").set(s.blocks_total)
-    metrics.RESYNC_BLOCKS.labels("to_send").set(s.blocks_to_send)
-    metrics.BACKLOG_FRAMES.set(session.last_seq - s.persisted_seq)
-    if s.bytes_framed:
-        metrics.COMPRESSION_RATIO.set(s.bytes_plain / s.bytes_framed)
 
 
 def handshake(stub) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from replication.blocks import DEFAULT_BLOCK_SIZE
 from replication.certs import load_identity
-from replication.config import load_passphrase
+from replication.config import load_passphrase, parse_assignments
 from replication.disks import open_disk
 from replication.errors import UsageError
 from replication.logs import setup_logging
@@ -38,7 +38,10 @@ def run(settings: dict[str, Any]) -> int:
     secret = load_passphrase(
         settings["passphrase_file"] or Path(settings["tls_dir"]) / "passphrase"
     )
-    for volume, path in _disks(settings["disk"]):
+    disks = parse_assignments(settings["disk"], "--disk")
+    if not disks:
+        raise UsageError("at least one --disk VOLUME=PATH is required")
+    for volume, path in disks:
         with open_disk(path) as disk:
             session = replicate_once(
                 disk,
@@ -63,13 +66,3 @@ def run(settings: dict[str, Any]) -> int:
             f"{s.bytes_framed} bytes framed, all PERSISTED"
         )
     return 0
-
-
-def _disks(items: list[str]):
-    if not items:
-        raise UsageError("at least one --disk VOLUME=PATH is required")
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise UsageError(f"--disk {item!r}: expected VOLUME=PATH")
-        yield name, path

@@ -91,22 +91,27 @@ def deployment(tmp_path):
         a.stop()
 
 
+def source_args(tls: Path, port: int, disk: str, deadline: int) -> list[str]:
+    """The source agent's arguments: one disk, --once, through 127.0.0.1:port."""
+    return [
+        "source-agent",
+        "--process-server",
+        f"127.0.0.1:{port}",
+        "--tls-dir",
+        str(tls),
+        "--disk",
+        disk,
+        "--once",
+        "--deadline",
+        str(deadline),
+    ]
+
+
 def run_source(
     tls: Path, port: int, vhd: Path, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        replication(
-            "source-agent",
-            "--process-server",
-            f"127.0.0.1:{port}",
-            "--tls-dir",
-            str(tls),
-            "--disk",
-            f"vol1={vhd}",
-            "--once",
-            "--deadline",
-            "120",
-        ),
+        replication(*source_args(tls, port, f"vol1={vhd}", 120)),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -128,18 +133,7 @@ def start_source_mid_stream(tls: Path, proxy: FaultProxy, vhd: Path, *, deadline
     """Start the source behind a slow proxy; return once frames flow, the source still busy."""
     proxy.delay = 0.05  # a slow link, so the faults land mid-stream
     src = subprocess.Popen(
-        replication(
-            "source-agent",
-            "--process-server",
-            f"127.0.0.1:{proxy.port}",
-            "--tls-dir",
-            str(tls),
-            "--disk",
-            f"vol1={vhd}",
-            "--once",
-            "--deadline",
-            str(deadline),
-        ),
+        replication(*source_args(tls, proxy.port, f"vol1={vhd}", deadline)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -195,18 +189,7 @@ def test_a_foreign_certificate_is_refused(deployment, tmp_path_factory):
 def test_an_unregistered_volume_is_refused(deployment):
     _, tls, vhd, _, _, _, proxy, _ = deployment
     proc = subprocess.run(
-        replication(
-            "source-agent",
-            "--process-server",
-            f"127.0.0.1:{proxy.port}",
-            "--tls-dir",
-            str(tls),
-            "--disk",
-            f"nosuch={vhd}",
-            "--once",
-            "--deadline",
-            "30",
-        ),
+        replication(*source_args(tls, proxy.port, f"nosuch={vhd}", 30)),
         capture_output=True,
         text=True,
         timeout=120,
@@ -294,21 +277,7 @@ def test_the_spool_check_can_fail_when_encryption_is_off(deployment):
 
     tmp_path, tls, vhd, _, _, _, proxy, _ = deployment
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _PLAINTEXT_SOURCE,
-            "source-agent",
-            "--process-server",
-            f"127.0.0.1:{proxy.port}",
-            "--tls-dir",
-            str(tls),
-            "--disk",
-            f"vol1={vhd}",
-            "--once",
-            "--deadline",
-            "15",
-        ],
+        [sys.executable, "-c", _PLAINTEXT_SOURCE, *source_args(tls, proxy.port, f"vol1={vhd}", 15)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -15,6 +15,7 @@ import uuid
 
 import numpy as np
 
+from ...durable import fsync_dir
 from ...errors import DiskIOError, UnsupportedFormatError, UsageError
 from ..base import Disk
 from .extent import pwrite_full
@@ -193,8 +194,5 @@ def _open_new(path: str, created: list[str]) -> int:
 
 
 def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync the directory that holds ``path``."""
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

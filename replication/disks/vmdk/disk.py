@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import bisect
 import os
-import tempfile
 from collections.abc import Iterator
 
+from ...durable import write_atomically
 from ...errors import UnsupportedFormatError
 from ..base import Disk, DiskInfo, Extent, file_generation, stamp_files
 from .descriptor import Descriptor, new_cid, render_descriptor
@@ -198,26 +198,7 @@ def _replace_file(path: str, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``: temp file, fsync, rename, fsync dir."""
     from ..base import io_error
 
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        mode = os.stat(path).st_mode & 0o7777
-        fd, tmp = tempfile.mkstemp(prefix=".vmdk-desc-", dir=directory)
-        try:
-            try:
-                os.fchmod(fd, mode)
-                pwrite_full(fd, data, 0, tmp)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomically(path, data, mode=os.stat(path).st_mode & 0o7777)
     except OSError as err:
         raise io_error(f"rewrite descriptor {path}", err) from err
