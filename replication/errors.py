@@ -42,6 +42,7 @@ __all__ = [
     "InvalidVolumeNameError",
     "LocalProtocolError",
     "OutOfRangeError",
+    "PairBusyError",
     "PairFailedError",
     "PeerRoleError",
     "ProtocolError",
@@ -54,6 +55,7 @@ __all__ = [
     "SpoolDiskFullError",
     "SpoolError",
     "SpoolFullError",
+    "UnknownDiskError",
     "UnknownVolumeError",
     "UnsupportedFormatError",
     "UsageError",
@@ -352,6 +354,18 @@ class PairFailedError(ReplicationError):
 
     code = "pair.failed"
     exit_status = 7
+
+
+class UnknownDiskError(ReplicationError):
+    """The source agent has no disk of that name (its ``--disk NAME=PATH`` list)."""
+
+    code = "pair.unknown_disk"
+
+
+class PairBusyError(ReplicationError):
+    """The disk already replicates to another volume; stop that pair first."""
+
+    code = "pair.busy"
 
 
 def render_error_table() -> str:

@@ -24,6 +24,7 @@ from .errors import (
     OutOfRangeError,
     ProtocolError,
     ReplicationError,
+    UnknownDiskError,
     UnknownVolumeError,
     VolumeExistsError,
 )
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 #: gRPC status per error family; the most specific class listed wins
 _STATUS = (
     (UnknownVolumeError, grpc.StatusCode.NOT_FOUND),
+    (UnknownDiskError, grpc.StatusCode.NOT_FOUND),
     (InvalidVolumeNameError, grpc.StatusCode.INVALID_ARGUMENT),
     (VolumeExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),

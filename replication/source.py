@@ -43,6 +43,7 @@ class SourceStats:
     frames_sent: int = 0
     bytes_plain: int = 0
     bytes_framed: int = 0
+    blocks_persisted: int = 0
     persisted_seq: int = 0
     received_seq: int = 0
 
@@ -65,7 +66,8 @@ class SourceSession:
         self.block_size = block_size
         self._encoder = FrameEncoder(secret, volume_disk_id(volume), level=zstd_level)
         self._window = window_bytes
-        self._unacked: OrderedDict[int, bytes] = OrderedDict()
+        # seq -> (frame, blocks it carries); kept until PERSISTED, for resends
+        self._unacked: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
         self._unacked_bytes = 0
         self._runs: Iterator[tuple[int, int]] = iter(())
         self._seq = 0
@@ -85,10 +87,21 @@ class SourceSession:
     def plan(self, source_map: HashMap, target_map: HashMap) -> np.ndarray:
         """Set the blocks to send: those whose digests differ; return their indexes."""
         differing = source_map.diff(target_map)
-        self.stats.blocks_total = len(source_map)
-        self.stats.blocks_to_send = len(differing)
-        self._runs = block_runs(differing, max(1, RUN_BYTES // self.block_size))
+        self.plan_blocks(differing, len(source_map))
         return differing
+
+    def plan_blocks(self, indexes: np.ndarray, blocks_total: int) -> None:
+        """Set the blocks to send directly (sorted indexes, e.g. from change tracking)."""
+        self.stats.blocks_total = blocks_total
+        self.stats.blocks_to_send = len(indexes)
+        self._runs = block_runs(indexes, max(1, RUN_BYTES // self.block_size))
+        # nothing differs: complete at once (a stream would wait for an ack of seq 0)
+        self._sealed_all = len(indexes) == 0
+
+    def stop_sealing(self) -> None:
+        """Seal nothing more: the session completes once the sealed frames are PERSISTED."""
+        self._runs = iter(())
+        self._sealed_all = True
 
     def window_full(self) -> bool:
         """True while the unacknowledged frames fill the window."""
@@ -115,7 +128,7 @@ class SourceSession:
         data = self.disk.read(offset, length)
         self._seq += 1
         frame = self._encoder.encode(self._seq, offset, data)
-        self._unacked[self._seq] = frame
+        self._unacked[self._seq] = (frame, count)
         self._unacked_bytes += len(frame)
         self.stats.frames_sent += 1
         self.stats.bytes_plain += length
@@ -129,13 +142,14 @@ class SourceSession:
             return
         self.stats.persisted_seq = max(self.stats.persisted_seq, seq)
         while self._unacked and next(iter(self._unacked)) <= seq:
-            _, frame = self._unacked.popitem(last=False)
+            _, (frame, blocks) = self._unacked.popitem(last=False)
             self._unacked_bytes -= len(frame)
+            self.stats.blocks_persisted += blocks
 
     def resend_after(self, persisted_seq: int) -> list[tuple[int, bytes]]:
         """Return the kept frames after ``persisted_seq``, to send again after a cut."""
         self.on_ack(persisted_seq, AckLevel.PERSISTED)
-        return list(self._unacked.items())
+        return [(seq, frame) for seq, (frame, _blocks) in self._unacked.items()]
 
     def complete(self) -> bool:
         """True when every planned frame was sealed and is PERSISTED."""

@@ -192,3 +192,112 @@ def session_state_from_pb(m: data_pb2.SessionState) -> tuple[int, int]:
 
 def volume_to_pb(name: str, size: int, fmt: str, subformat: str) -> control_pb2.Volume:
     return control_pb2.Volume(name=name, size=size, format=fmt, subformat=subformat)
+
+
+# --- control service -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A master-target volume as the control service reports it."""
+
+    name: str
+    size: int
+    format: str
+    subformat: str
+
+
+@dataclass(frozen=True)
+class PairInfo:
+    """A source agent's replication pair as the control service reports it."""
+
+    disk: str
+    volume: str
+    state: str
+    blocks_total: int = 0
+    blocks_done: int = 0
+    persisted_seq: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What ``Control.Status`` answers: the agent, its pairs, volumes and problems."""
+
+    role: str
+    agent_version: str
+    uptime_seconds: int
+    pairs: tuple[PairInfo, ...] = ()
+    volumes: tuple[VolumeInfo, ...] = ()
+    spool_bytes: int = 0
+    problems: tuple[str, ...] = ()
+
+
+def volume_from_pb(m: control_pb2.Volume) -> VolumeInfo:
+    return VolumeInfo(m.name, m.size, m.format, m.subformat)
+
+
+def pair_to_pb(p: PairInfo) -> control_pb2.PairStatus:
+    return control_pb2.PairStatus(
+        disk=p.disk,
+        volume=p.volume,
+        state=p.state,
+        blocks_total=p.blocks_total,
+        blocks_done=p.blocks_done,
+        persisted_seq=p.persisted_seq,
+        error=p.error,
+    )
+
+
+def pair_from_pb(m: control_pb2.PairStatus) -> PairInfo:
+    return PairInfo(
+        m.disk, m.volume, m.state, m.blocks_total, m.blocks_done, m.persisted_seq, m.error
+    )
+
+
+def agent_status_to_pb(a: AgentInfo) -> control_pb2.AgentStatus:
+    return control_pb2.AgentStatus(
+        role=_ROLES[a.role],
+        agent_version=a.agent_version,
+        uptime_seconds=a.uptime_seconds,
+        pairs=[pair_to_pb(p) for p in a.pairs],
+        volumes=[volume_to_pb(v.name, v.size, v.format, v.subformat) for v in a.volumes],
+        spool_bytes=a.spool_bytes,
+        problems=list(a.problems),
+    )
+
+
+def agent_status_from_pb(m: control_pb2.AgentStatus) -> AgentInfo:
+    return AgentInfo(
+        role=_ROLE_NAMES.get(m.role, "unknown"),
+        agent_version=m.agent_version,
+        uptime_seconds=m.uptime_seconds,
+        pairs=tuple(pair_from_pb(p) for p in m.pairs),
+        volumes=tuple(volume_from_pb(v) for v in m.volumes),
+        spool_bytes=m.spool_bytes,
+        problems=tuple(m.problems),
+    )
+
+
+def volumes_from_pb(m: control_pb2.ListVolumesResponse) -> list[VolumeInfo]:
+    return [volume_from_pb(v) for v in m.volumes]
+
+
+def create_volume_to_pb(name: str, size: int, subformat: str) -> control_pb2.CreateVolumeRequest:
+    return control_pb2.CreateVolumeRequest(name=name, size=size, subformat=subformat)
+
+
+def start_pair_to_pb(disk: str, volume: str) -> control_pb2.StartPairRequest:
+    return control_pb2.StartPairRequest(disk=disk, volume=volume)
+
+
+def stop_pair_to_pb(disk: str) -> control_pb2.StopPairRequest:
+    return control_pb2.StopPairRequest(disk=disk)
+
+
+def status_request_pb() -> control_pb2.StatusRequest:
+    return control_pb2.StatusRequest()
+
+
+def list_volumes_request_pb() -> control_pb2.ListVolumesRequest:
+    return control_pb2.ListVolumesRequest()

@@ -4,7 +4,10 @@ The library decides what to send (``replication.source.SourceSession``); this
 module only moves messages: it fetches the target's hash map, streams frames on a
 ``Replicate`` call while reading acks, and after a cut reconnects, asks where the
 session stands, and resends the kept frames after the persisted sequence. Every
-loop is bounded by ``deadline`` seconds.
+loop is bounded by ``deadline`` seconds. A ``cancel`` event stops sealing new
+frames; the frames already sent are still brought to PERSISTED (within a grace),
+so a stopped pair leaves nothing half-acknowledged behind. A token bucket, when
+given, spaces the frames on the wire (``--bandwidth-limit``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -25,12 +29,29 @@ from replication.hashmap import HashMap, compute_maps
 from replication.protocol import Hello, negotiate
 from replication.server import error_code_of, error_from_rpc
 from replication.source import SourceSession
+from replication.throttle import TokenBucket
 from replication.tls import secure_channel
 from replication.v1 import data_pb2_grpc
 
 log = logging.getLogger("source-agent")
 
 _STOP = object()
+
+#: seconds a cancelled session still waits for the acks of frames already sent
+CANCEL_GRACE = 30.0
+
+
+@dataclass
+class PairOptions:
+    """How one replication session runs (from the agent's settings)."""
+
+    block_size: int
+    server_host: str = "localhost"
+    deadline: float = 3600.0
+    throttle: TokenBucket | None = None
+    cancel: threading.Event | None = None
+    #: called with the session after planning and after every ack (status, metrics)
+    on_progress: Callable[[SourceSession], None] | None = None
 
 
 def fetch_target_map(stub, volume: str, block_size: int, covered: int) -> HashMap:
@@ -50,20 +71,35 @@ def fetch_target_map(stub, volume: str, block_size: int, covered: int) -> HashMa
 class Replicator:
     """Drive one SourceSession over one process server channel until PERSISTED."""
 
-    def __init__(self, session: SourceSession, stub, *, deadline: float, reconnect=None) -> None:
+    def __init__(
+        self, session: SourceSession, stub, options: PairOptions, *, reconnect=None
+    ) -> None:
         self.session = session
         self.stub = stub
+        self.options = options
         # after a failure, a fresh channel: a half-dead connection must not be reused
         self._reconnect = reconnect
         self._reported = (0, 0)  # frames and bytes already added to the counters
-        self.deadline = time.monotonic() + deadline
+        self.deadline = time.monotonic() + options.deadline
+        self._cancel = options.cancel or threading.Event()
         self._acked = threading.Condition()
+
+    def _check_cancel(self) -> None:
+        """On cancel: seal nothing more, and give the sent frames a bounded grace."""
+        if self._cancel.is_set() and not self.session.done_sealing():
+            with self._acked:
+                self.session.stop_sealing()
+            self.deadline = min(self.deadline, time.monotonic() + CANCEL_GRACE)
 
     def run(self) -> None:
         """Send everything, surviving cuts, until every frame is PERSISTED."""
         first = True
         attempt = 0
+        self._update_metrics()
         while not self.session.complete():
+            self._check_cancel()
+            if self.session.complete():
+                break
             if time.monotonic() > self.deadline:
                 raise PairFailedError(
                     f"gave up: persisted {self.session.stats.persisted_seq} of "
@@ -79,7 +115,7 @@ class Replicator:
                 if refused is not None and not refused.retryable:
                     raise PairFailedError(f"refused: {err.details()}") from None
                 log.warning("event=stream_cut attempt=%d status=%s", attempt, err.code())
-                time.sleep(min(2.0, 0.1 * attempt))
+                self._cancel.wait(min(2.0, 0.1 * attempt))
                 if self._reconnect is not None:
                     self.stub = self._reconnect()
 
@@ -94,6 +130,8 @@ class Replicator:
         metrics.BACKLOG_FRAMES.set(self.session.last_seq - s.persisted_seq)
         if s.bytes_framed:
             metrics.COMPRESSION_RATIO.set(s.bytes_plain / s.bytes_framed)
+        if self.options.on_progress is not None:
+            self.options.on_progress(self.session)
 
     def _resume_point(self) -> list[tuple[int, bytes]]:
         sid = wire.session_id_to_pb(self.session.volume, self.session.session)
@@ -116,11 +154,11 @@ class Replicator:
         try:
             for pb in call:
                 ack = wire.ack_from_pb(pb)
-                self._update_metrics()
                 log.debug("event=ack seq=%d level=%s", ack.seq, ack.level.name)
                 with self._acked:
                     self.session.on_ack(ack.seq, ack.level)
                     self._acked.notify_all()
+                self._update_metrics()
                 if self.session.complete():
                     break
         finally:
@@ -142,6 +180,10 @@ class Replicator:
             item = out.get()
             if item is _STOP:
                 return
+            if self.options.throttle is not None and isinstance(item, wire.FrameMsg):
+                # the request iterator runs on gRPC's sending thread: waiting here
+                # spaces frames on the wire (resends included) without a timer thread
+                self.options.throttle.take(len(item.frame))
             log.debug("event=send %s", getattr(item, "seq", item))
             yield wire.source_message_to_pb(item)
 
@@ -154,6 +196,9 @@ class Replicator:
                     self._acked.wait(0.5)
                 if stop.is_set():
                     return  # sealed frames stay in the session's unacked list
+                if self._cancel.is_set():
+                    s.stop_sealing()
+                    break
                 frames = s.next_frames()
             for seq, frame in frames:
                 out.put(wire.FrameMsg(seq, frame))
@@ -173,12 +218,15 @@ def replicate_once(
     secret: bytes,
     address: str,
     identity: Identity,
+    options: PairOptions,
     *,
-    block_size: int,
-    server_host: str = "localhost",
-    deadline: float = 3600.0,
+    plan: Callable[[SourceSession, object], None] | None = None,
 ) -> SourceSession:
-    """Bring ``volume`` level with ``disk`` and return the finished session."""
+    """Bring ``volume`` level with ``disk`` and return the finished session.
+
+    ``plan(session, stub)`` chooses the blocks to send; by default the source and
+    target hash maps are compared (a resync).
+    """
     channels = []
 
     def connect():
@@ -186,11 +234,22 @@ def replicate_once(
             # grpc's close() can block for long on a channel whose peer died mid-call;
             # never let it hold up the resume
             threading.Thread(target=old.close, daemon=True).start()
-        channels[:] = [secure_channel(address, identity, server_host=server_host)]
+        channels[:] = [secure_channel(address, identity, server_host=options.server_host)]
         return data_pb2_grpc.ProcessServerStub(channels[0])
 
     try:
-        return _replicate(connect, disk, volume, secret, block_size, deadline)
+        stub = connect()
+        handshake(stub)
+        session = SourceSession(disk, volume, secret, block_size=options.block_size)
+        (plan or plan_by_hash_compare)(session, stub)
+        log.info(
+            "event=plan volume=%s blocks_total=%d blocks_to_send=%d",
+            volume,
+            session.stats.blocks_total,
+            session.stats.blocks_to_send,
+        )
+        Replicator(session, stub, options, reconnect=connect).run()
+        return session
     except grpc.RpcError as err:
         raise error_from_rpc(err, f"replicate {volume} via {address}") from None
     finally:
@@ -198,18 +257,9 @@ def replicate_once(
             channel.close()
 
 
-def _replicate(connect, disk, volume, secret, block_size, deadline) -> SourceSession:
-    """Handshake, fetch the target map, plan, and stream until PERSISTED."""
-    stub = connect()
-    handshake(stub)
-    target_map = fetch_target_map(stub, volume, block_size, disk.virtual_size)
-    (source_map,) = compute_maps([(disk, None)], block_size)
-    session = SourceSession(disk, volume, secret, block_size=block_size)
+def plan_by_hash_compare(session: SourceSession, stub) -> None:
+    """Plan a resync: fetch the target's hash map, hash the disk, send what differs."""
+    disk = session.disk
+    target_map = fetch_target_map(stub, session.volume, session.block_size, disk.virtual_size)
+    (source_map,) = compute_maps([(disk, None)], session.block_size)
     session.plan(source_map, target_map)
-    log.info(
-        "event=plan blocks_total=%d blocks_to_send=%d",
-        session.stats.blocks_total,
-        session.stats.blocks_to_send,
-    )
-    Replicator(session, stub, deadline=deadline, reconnect=connect).run()
-    return session

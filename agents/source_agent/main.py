@@ -1,7 +1,17 @@
-"""``replication source-agent``: resync local disks into master-target volumes."""
+"""``replication source-agent``: replicate local disks into master-target volumes.
+
+Two modes. ``--once``: resync every disk into its volume, exit 0 when all is
+PERSISTED (non-zero with the reason otherwise). Without it, a daemon: every disk
+starts a pair to the volume of the same name (unless ``--idle``), each pair
+re-syncs by hash compare every ``--rescan-interval`` seconds, and a control
+listener (``--control-listen``, the scenario's port 443 role) lets an orchestrator
+start, stop and watch pairs.
+"""
 
 from __future__ import annotations
 
+import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +21,13 @@ from replication.config import load_passphrase, parse_assignments
 from replication.disks import open_disk
 from replication.errors import UsageError
 from replication.logs import setup_logging
+from replication.server import create_server, start_metrics, wait_for_signal
+from replication.throttle import TokenBucket, parse_rate
+from replication.v1 import control_pb2_grpc
 
-from .client import replicate_once
+from .client import PairOptions, replicate_once
+from .pairs import PairTable
+from .service import SourceControlService
 
 DEFAULTS: dict[str, Any] = {
     "process_server": None,
@@ -22,37 +37,56 @@ DEFAULTS: dict[str, Any] = {
     "passphrase_file": None,
     "disk": [],
     "once": False,
+    "idle": False,
     "block_size": DEFAULT_BLOCK_SIZE,
     "deadline": 3600.0,
+    "rescan_interval": 300.0,
+    "bandwidth_limit": None,
+    "control_listen": None,
+    "metrics_listen": None,
 }
 
 
-def run(settings: dict[str, Any]) -> int:
-    """Resync every ``--disk VOLUME=PATH`` once; return 0 when all are PERSISTED."""
+def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
+    """Run in ``--once`` or daemon mode; return the exit status."""
     log = setup_logging("source-agent")
     if not settings["process_server"]:
         raise UsageError("--process-server ADDR is required")
-    if not settings["once"]:
-        raise UsageError("only --once is implemented so far (continuous mode: next issue)")
+    disks = dict(parse_assignments(settings["disk"], "--disk"))
+    if not disks and (settings["once"] or not settings["control_listen"]):
+        raise UsageError("at least one --disk NAME=PATH is required")
     identity = load_identity(settings["tls_dir"], "source", settings["host"])
     secret = load_passphrase(
         settings["passphrase_file"] or Path(settings["tls_dir"]) / "passphrase"
     )
-    disks = parse_assignments(settings["disk"], "--disk")
-    if not disks:
-        raise UsageError("at least one --disk VOLUME=PATH is required")
-    for volume, path in disks:
+    options = _options(settings)
+    replicate = partial(
+        _replicate, secret=secret, address=settings["process_server"], identity=identity
+    )
+    if settings["once"]:
+        return _run_once(disks, replicate, options, log)
+    return _run_daemon(settings, disks, replicate, options, identity, log, stop)
+
+
+def _options(settings: dict[str, Any]) -> PairOptions:
+    limit = settings["bandwidth_limit"]
+    rate = limit if isinstance(limit, int) else parse_rate(str(limit)) if limit else None
+    return PairOptions(
+        block_size=int(settings["block_size"]),
+        server_host=settings["process_server_host"],
+        deadline=float(settings["deadline"]),
+        throttle=TokenBucket(rate) if rate else None,
+    )
+
+
+def _replicate(disk, volume, options, *, secret, address, identity):
+    return replicate_once(disk, volume, secret, address, identity, options)
+
+
+def _run_once(disks: dict[str, str], replicate, options: PairOptions, log) -> int:
+    for volume, path in disks.items():
         with open_disk(path) as disk:
-            session = replicate_once(
-                disk,
-                volume,
-                secret,
-                settings["process_server"],
-                identity,
-                block_size=int(settings["block_size"]),
-                server_host=settings["process_server_host"],
-                deadline=float(settings["deadline"]),
-            )
+            session = replicate(disk, volume, options)
         s = session.stats
         log.info(
             "event=persisted volume=%s frames=%d bytes_plain=%d bytes_framed=%d",
@@ -65,4 +99,30 @@ def run(settings: dict[str, Any]) -> int:
             f"{volume}: {s.blocks_to_send} of {s.blocks_total} blocks sent, "
             f"{s.bytes_framed} bytes framed, all PERSISTED"
         )
+    return 0
+
+
+def _run_daemon(settings, disks, replicate, options, identity, log, stop) -> int:
+    interval = float(settings["rescan_interval"])
+    if interval <= 0:
+        raise UsageError("--rescan-interval must be positive")
+    pairs = PairTable(disks, replicate, options, rescan_interval=interval)
+    server = None
+    if settings["control_listen"]:
+
+        def add(srv):
+            control_pb2_grpc.add_ControlServicer_to_server(SourceControlService(pairs), srv)
+
+        server, port, _ = create_server(settings["control_listen"], identity, add)
+        log.info("event=listening port=%d", port)
+    metrics_port = start_metrics(settings["metrics_listen"])
+    if not settings["idle"]:
+        for name in disks:
+            pairs.start(name, name)
+    log.info("event=started disks=%s metrics_port=%s", ",".join(disks), metrics_port)
+    wait_for_signal(stop)
+    pairs.stop_all()
+    if server is not None:
+        server.stop(grace=5).wait()
+    log.info("event=stopped")
     return 0

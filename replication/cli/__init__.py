@@ -25,6 +25,8 @@ _COMMAND_MODULES = (
     "demo_cmd",
     "certs_cmd",
     "agents_cmd",
+    "control_cmd",
+    "bench_cmd",
 )
 
 

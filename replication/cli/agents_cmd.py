@@ -70,6 +70,25 @@ def _source_agent(sub) -> None:
         default=None,
         help="resync once, exit 0 when everything is PERSISTED",
     )
+    p.add_argument(
+        "--idle",
+        action="store_true",
+        default=None,
+        help="start no pair until an orchestrator calls StartPair",
+    )
+    p.add_argument(
+        "--rescan-interval",
+        type=float,
+        help="seconds between hash-compare resyncs in daemon mode (default 300)",
+    )
+    p.add_argument(
+        "--bandwidth-limit",
+        metavar="RATE",
+        help="cap the frames sent, e.g. 20M or 20MB/s (bytes per second; default none)",
+    )
+    p.add_argument(
+        "--control-listen", help="HOST:PORT of the control service (port 443 role; default off)"
+    )
     p.add_argument("--block-size", type=parse_size, help="default 64K")
     p.add_argument("--deadline", type=float, help="give up after this many seconds")
     p.add_argument("--passphrase-file", type=Path, help="frame key (default TLS_DIR/passphrase)")

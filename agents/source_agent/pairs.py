@@ -1,0 +1,158 @@
+"""Replication pairs of a running source agent: one worker thread per pair.
+
+A pair joins one local disk (``--disk NAME=PATH``) to one master-target volume. Its
+worker loops: resync (hash compare, only differing blocks move), then ``protected``
+until the next rescan; a failure is reported in the pair's state and retried with a
+bounded backoff, never silently dropped. ``StopPair`` cancels the worker: it seals
+nothing more, waits (bounded) for the acks of frames already sent, and ends in
+``stopped``. The table of pairs is what ``Status`` reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from replication.disks import open_disk
+from replication.errors import PairBusyError, ReplicationError, UnknownDiskError
+
+from .client import PairOptions
+
+log = logging.getLogger("source-agent")
+
+#: longest wait between two attempts of a failing pair
+MAX_BACKOFF = 60.0
+
+
+@dataclass
+class PairState:
+    """What ``Status`` reports of one pair (a copy, safe to hand out)."""
+
+    disk: str
+    volume: str
+    state: str = "starting"
+    blocks_total: int = 0
+    blocks_done: int = 0
+    persisted_seq: int = 0
+    error: str = ""
+    cycles: int = 0
+    last_protected: float | None = None
+
+
+@dataclass
+class _Pair:
+    path: str
+    status: PairState
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+#: replicate(disk, volume, options) -> finished session; the agent binds the rest
+ReplicateFn = Callable[..., object]
+
+
+class PairTable:
+    """The pairs of one source agent, their workers and their states."""
+
+    def __init__(
+        self,
+        disks: dict[str, str],
+        replicate: ReplicateFn,
+        options: PairOptions,
+        *,
+        rescan_interval: float,
+    ) -> None:
+        self._disks = disks
+        self._replicate = replicate
+        self._options = options
+        self._rescan = rescan_interval
+        self._pairs: dict[str, _Pair] = {}
+        self._lock = threading.Lock()
+
+    def start(self, disk: str, volume: str) -> PairState:
+        """Start (or keep) the pair ``disk -> volume``; idempotent for the same volume."""
+        if disk not in self._disks:
+            raise UnknownDiskError(
+                f"disk {disk!r} is not configured on this source agent "
+                f"(known: {', '.join(sorted(self._disks)) or 'none'}); add --disk {disk}=PATH"
+            )
+        with self._lock:
+            pair = self._pairs.get(disk)
+            if pair is not None and pair.thread is not None and pair.thread.is_alive():
+                if pair.status.volume != volume:
+                    raise PairBusyError(
+                        f"disk {disk!r} already replicates to {pair.status.volume!r}; "
+                        "stop that pair first"
+                    )
+                return replace(pair.status)
+            pair = _Pair(self._disks[disk], PairState(disk, volume))
+            pair.thread = threading.Thread(
+                target=self._run, args=(pair,), name=f"pair-{disk}", daemon=True
+            )
+            self._pairs[disk] = pair
+            pair.thread.start()
+            log.info("event=pair_started disk=%s volume=%s", disk, volume)
+            return replace(pair.status)
+
+    def stop(self, disk: str, timeout: float = 60.0) -> PairState:
+        """Stop the pair of ``disk`` after the acks of what it already sent."""
+        with self._lock:
+            pair = self._pairs.get(disk)
+        if pair is None:
+            raise UnknownDiskError(f"no pair for disk {disk!r} on this source agent")
+        pair.cancel.set()
+        if pair.thread is not None:
+            pair.thread.join(timeout)
+        log.info("event=pair_stopped disk=%s state=%s", disk, pair.status.state)
+        return replace(pair.status)
+
+    def stop_all(self, timeout: float = 60.0) -> None:
+        with self._lock:
+            disks = list(self._pairs)
+        for disk in disks:
+            self.stop(disk, timeout)
+
+    def states(self) -> list[PairState]:
+        with self._lock:
+            return [replace(p.status) for p in self._pairs.values()]
+
+    def _run(self, pair: _Pair) -> None:
+        """The worker: resync, then rescan every interval, until cancelled."""
+        backoff = 1.0
+        while not pair.cancel.is_set():
+            wait = self._rescan
+            try:
+                self._cycle(pair)
+                backoff = 1.0
+            except ReplicationError as err:
+                pair.status.state, pair.status.error = "error", str(err)
+                log.warning(
+                    "event=pair_error disk=%s code=%s error=%s", pair.status.disk, err.code, err
+                )
+                wait, backoff = backoff, min(MAX_BACKOFF, backoff * 2)
+            pair.cancel.wait(wait)
+        pair.status.state = "stopped"
+
+    def _cycle(self, pair: _Pair) -> None:
+        status = pair.status
+        status.state = "resyncing"
+
+        def progress(session) -> None:
+            s = session.stats
+            status.blocks_total, status.blocks_done = s.blocks_to_send, s.blocks_persisted
+            status.persisted_seq = s.persisted_seq
+
+        options = replace(self._options, cancel=pair.cancel, on_progress=progress)
+        with open_disk(pair.path) as disk:
+            progress(self._replicate(disk, status.volume, options))
+        if pair.cancel.is_set():
+            return  # cancelled mid-cycle: the disk is not known to be level
+        status.state, status.error = "protected", ""
+        status.cycles += 1
+        status.last_protected = time.time()
+        log.info(
+            "event=protected disk=%s volume=%s cycle=%d", status.disk, status.volume, status.cycles
+        )

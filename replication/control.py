@@ -1,0 +1,81 @@
+"""A client of the agents' control service (the scenario's port 443 role).
+
+What the ``replication agent`` CLI and an orchestrator use to command running
+agents: status, volumes of a master target, creating a volume on its datastore,
+starting and stopping pairs on a source agent. It speaks only the wire contract
+(``proto/replication/v1/control.proto``) and never imports agent modules. Every
+call has a deadline; a refusal comes back as the typed error the agent raised.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from . import wire
+from .certs import Identity
+from .server import error_from_rpc
+from .tls import secure_channel
+from .v1 import control_pb2_grpc
+
+__all__ = ["ControlClient"]
+
+
+class ControlClient:
+    """Commands one agent's control service over mutual TLS."""
+
+    def __init__(
+        self,
+        address: str,
+        identity: Identity,
+        *,
+        server_host: str = "localhost",
+        timeout: float = 30.0,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = secure_channel(address, identity, server_host=server_host)
+        self._stub = control_pb2_grpc.ControlStub(self._channel)
+
+    def status(self) -> wire.AgentInfo:
+        """The agent's role, version, pairs, volumes, spool and problems."""
+        reply = self._call("status", self._stub.Status, wire.status_request_pb())
+        return wire.agent_status_from_pb(reply)
+
+    def list_volumes(self) -> list[wire.VolumeInfo]:
+        """The volumes a master target may write."""
+        reply = self._call("list volumes", self._stub.ListVolumes, wire.list_volumes_request_pb())
+        return wire.volumes_from_pb(reply)
+
+    def create_volume(
+        self, name: str, size: int, subformat: str = "monolithicSparse"
+    ) -> wire.VolumeInfo:
+        """Create a new VMDK on a master target's datastore (idempotent for one size)."""
+        request = wire.create_volume_to_pb(name, size, subformat)
+        return wire.volume_from_pb(
+            self._call(f"create volume {name}", self._stub.CreateVolume, request)
+        )
+
+    def start_pair(self, disk: str, volume: str) -> wire.PairInfo:
+        """Start replicating a source agent's disk into a volume."""
+        request = wire.start_pair_to_pb(disk, volume)
+        return wire.pair_from_pb(self._call(f"start pair {disk}", self._stub.StartPair, request))
+
+    def stop_pair(self, disk: str) -> wire.PairInfo:
+        """Stop a pair once what it already sent is PERSISTED (bounded)."""
+        request = wire.stop_pair_to_pb(disk)
+        return wire.pair_from_pb(self._call(f"stop pair {disk}", self._stub.StopPair, request))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, what: str, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, f"{what} at {self.address}") from None
