@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
-DEBS    := qemu-utils rsync xxhash strace python3-libvmdk python3-libvhdi libvhdi-utils
+DEBS    := qemu-utils rsync xxhash strace python3-libvmdk python3-libvhdi libvhdi-utils libnbd-bin
 APT_STAMP := $(VENV)/.debs
 
 .PHONY: install test demo bench proto lint clean docs
@@ -24,6 +24,7 @@ $(APT_STAMP): $(STAMP)
 	command -v rsync >/dev/null || missing="yes"; \
 	command -v xxh128sum >/dev/null || missing="yes"; \
 	command -v strace >/dev/null || missing="yes"; \
+	command -v nbdinfo >/dev/null || missing="yes"; \
 	/usr/bin/python3 -c 'import pyvmdk, pyvhdi' 2>/dev/null || missing="yes"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

@@ -228,6 +228,9 @@ class Applier:
         self._disks: dict[str, Disk] = {}
         self._sessions: dict[SessionKey, _Session] = {}
         self._touched: set[str] = set()  # volumes written since the last commit
+        # epoch-end markers applied since the last commit: (volume, session, seq, record);
+        # the recovery-point keeper takes them once the commit made them durable
+        self.markers: list[tuple[str, bytes, int, bytes]] = []
 
     # -- sessions -------------------------------------------------------------------
 
@@ -300,7 +303,10 @@ class Applier:
                 f"frame seq {seq} on {volume!r}: expected {state.applied_seq + 1}",
                 hint=f"resume from persisted seq {state.persisted_seq} + 1",
             )
-        self._write(volume, frame)
+        if frame.marker:
+            self.markers.append((volume, bytes(session), seq, frame.data))  # never written
+        else:
+            self._write(volume, frame)
         state.applied_seq = seq
         state.pending[seq] = tag
         self._touched.add(volume)

@@ -385,3 +385,126 @@ def render_error_table() -> str:
             f"{'yes' if cls.retryable else 'no'} | {doc} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# --- NBD front end (source agent) ---------------------------------------------------
+
+
+class NbdProtocolError(RemoteProtocolError):
+    """An NBD client broke the NBD protocol: bad magic, unknown flag or truncated message."""
+
+    code = "nbd.protocol"
+
+
+__all__ += ["NbdProtocolError"]
+
+
+# --- retention journal and recovery-point manifests (master target) ---------------
+
+
+class JournalError(ReplicationError):
+    """The retention journal of a volume could not be used."""
+
+    code = "journal.error"
+    exit_status = 9
+
+
+class JournalCorruptError(JournalError):
+    """A journal segment is corrupt before its tail (file and offset named)."""
+
+    code = "journal.corrupt"
+
+
+class JournalBusyError(JournalError):
+    """Another process holds the journal directory's lock."""
+
+    code = "journal.busy"
+
+
+class JournalDiskFullError(JournalError):
+    """The device holding the journal is full; prune it or make room, then retry."""
+
+    code = "journal.disk_full"
+    retryable = True
+
+
+class PointNotFoundError(JournalError):
+    """No recovery point of the journal matches the request."""
+
+    code = "journal.point_not_found"
+
+
+class ManifestError(ReplicationError):
+    """A recovery-point manifest store could not be used."""
+
+    code = "manifest.error"
+    exit_status = 9
+
+
+class ManifestCorruptError(ManifestError):
+    """A manifest object is corrupt, or its content does not hash to its root."""
+
+    code = "manifest.corrupt"
+
+
+class ManifestNotFoundError(ManifestError):
+    """No manifest with that root is in the store."""
+
+    code = "manifest.not_found"
+
+
+__all__ += [
+    "JournalBusyError",
+    "JournalCorruptError",
+    "JournalDiskFullError",
+    "JournalError",
+    "ManifestCorruptError",
+    "ManifestError",
+    "ManifestNotFoundError",
+    "PointNotFoundError",
+]
+
+
+# --- master target volumes under pressure -----------------------------------------
+
+
+class VolumeDiskFullError(DiskFullError):
+    """The device holding a master target volume or its apply state is full; retry later."""
+
+    code = "volume.disk_full"
+    exit_status = 7
+    retryable = True
+
+
+__all__ += ["VolumeDiskFullError"]
+
+
+# --- changed-block tracking (source agent) ------------------------------------------
+
+
+class TrackingError(ReplicationError):
+    """The changed-block tracking state of a disk could not be used."""
+
+    code = "tracking.error"
+    exit_status = 10
+
+
+class TrackingBusyError(TrackingError):
+    """Another process holds the tracking state's lock."""
+
+    code = "tracking.busy"
+
+
+class TrackingBrokenError(TrackingError):
+    """Writing or fsyncing the tracking state failed; writes are refused until reopened."""
+
+    code = "tracking.broken"
+
+
+class EpochError(TrackingError):
+    """An epoch was begun while another is in flight, or ended twice (a caller bug)."""
+
+    code = "tracking.epoch"
+
+
+__all__ += ["EpochError", "TrackingBrokenError", "TrackingBusyError", "TrackingError"]

@@ -7,7 +7,8 @@ the AES-256-GCM ciphertext and its 16-byte tag::
 
     0   4  magic  b"RPLF"          24  16  session salt
     4   1  version (1)             40   8  seq
-    5   1  flags (bit 0: zstd)     48   8  offset
+    5   1  flags (bit 0: zstd,     48   8  offset
+             bit 1: marker)
     6   1  codec id (1)            56   4  length (plaintext bytes)
     7   1  header length (64)      60   4  payload length (ciphertext + tag)
     8  16  disk id                 64   .. payload
@@ -58,6 +59,7 @@ __all__ = [
     "DIGEST_SIZE",
     "DISK_ID_SIZE",
     "FLAG_COMPRESSED",
+    "FLAG_MARKER",
     "FRAME_MAGIC",
     "FRAME_VERSION",
     "HEADER_SIZE",
@@ -81,7 +83,11 @@ FRAME_VERSION: Final = 1
 SUPPORTED_FRAME_VERSIONS: Final = (1,)
 #: flags bit 0: the body is a zstd frame (clear: the body is the plaintext itself).
 FLAG_COMPRESSED: Final = 0x01
-_KNOWN_FLAGS: Final = FLAG_COMPRESSED
+#: flags bit 1: the plaintext is a marker record (an epoch boundary, a tag), not disk
+#: content: offset 0, never written to the volume. Inside the AEAD like any frame, so
+#: a relay can neither forge nor drop one unnoticed (the seq gap would show).
+FLAG_MARKER: Final = 0x02
+_KNOWN_FLAGS: Final = FLAG_COMPRESSED | FLAG_MARKER
 #: codec id 1: zstd (when flagged) + AES-256-GCM, HKDF-SHA256 keys, XXH3-128 digest.
 CODEC_ZSTD_AES256GCM: Final = 1
 SUPPORTED_CODECS: Final = (CODEC_ZSTD_AES256GCM,)
@@ -130,6 +136,11 @@ class FrameHeader:
     def compressed(self) -> bool:
         """Whether the body is a zstd frame."""
         return bool(self.flags & FLAG_COMPRESSED)
+
+    @property
+    def marker(self) -> bool:
+        """Whether the plaintext is a marker record rather than disk content."""
+        return bool(self.flags & FLAG_MARKER)
 
     @property
     def body_length(self) -> int:
@@ -216,6 +227,8 @@ class FrameHeader:
             raise FrameFormatError(f"bad frame header length {self.header_length}")
         if self.flags & ~_KNOWN_FLAGS:
             raise FrameFormatError(f"unknown frame flags 0x{self.flags:02x}")
+        if self.marker and self.offset != 0:
+            raise FrameFormatError(f"marker frame at offset {self.offset}, not 0")
         if self.codec not in SUPPORTED_CODECS:
             raise FrameFormatError(f"unknown frame codec id {self.codec}")
         if len(self.disk_id) != DISK_ID_SIZE or len(self.salt) != SALT_SIZE:
@@ -296,6 +309,8 @@ class DecodedFrame:
     data: bytes
     compressed: bool
     header: FrameHeader
+    #: a marker record (epoch boundary, tag), not disk content: never written
+    marker: bool = False
 
 
 class FrameEncoder:
@@ -352,6 +367,12 @@ class FrameEncoder:
         header_bytes = header.pack()
         return header_bytes + self._aead.encrypt(_nonce(seq), digest + body, header_bytes)
 
+    def encode_marker(self, seq: int, record: bytes) -> bytes:
+        """Return a marker frame carrying ``record`` (an epoch boundary, a tag)."""
+        header, digest, body = self._prepare(seq, 0, record, marker=True)
+        header_bytes = header.pack()
+        return header_bytes + self._aead.encrypt(_nonce(seq), digest + body, header_bytes)
+
     def encode_into(
         self, seq: int, offset: int, data: bytes | bytearray | memoryview, out: bytearray
     ) -> int:
@@ -374,7 +395,7 @@ class FrameEncoder:
         return size
 
     def _prepare(
-        self, seq: int, offset: int, data: bytes | bytearray | memoryview
+        self, seq: int, offset: int, data: bytes | bytearray | memoryview, *, marker: bool = False
     ) -> tuple[FrameHeader, bytes, bytes | bytearray | memoryview]:
         if isinstance(data, memoryview) and not data.c_contiguous:
             raise UsageError("frame data must be a contiguous buffer")
@@ -406,7 +427,7 @@ class FrameEncoder:
             offset=offset,
             length=length,
             payload_length=_nbytes(body) + PAYLOAD_OVERHEAD,
-            flags=flags,
+            flags=flags | (FLAG_MARKER if marker else 0),
         )
         return header, digest, body
 
@@ -502,6 +523,7 @@ class FrameDecoder:
             data=data,
             compressed=header.compressed,
             header=header,
+            marker=header.marker,
         )
 
     def _decompress(self, header: FrameHeader, body: memoryview) -> bytes:

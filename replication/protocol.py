@@ -43,10 +43,15 @@ class Feature(enum.IntFlag):
     HASHMAP_RESYNC = 2
     #: the process server acknowledges RECEIVED (spooled and fsynced) before PERSISTED
     RECEIVED_ACK = 4
+    #: sessions may end with an epoch-end marker frame (frame flag MARKER), which a
+    #: master target records and never writes
+    EPOCH_MARKERS = 8
 
 
 #: every feature this build implements
-SUPPORTED_FEATURES = Feature.ZSTD | Feature.HASHMAP_RESYNC | Feature.RECEIVED_ACK
+SUPPORTED_FEATURES = (
+    Feature.ZSTD | Feature.HASHMAP_RESYNC | Feature.RECEIVED_ACK | Feature.EPOCH_MARKERS
+)
 
 
 class AckLevel(enum.IntEnum):

@@ -72,6 +72,9 @@ class SourceSession:
         self._runs: Iterator[tuple[int, int]] = iter(())
         self._seq = 0
         self._sealed_all = False
+        self._marker: bytes | None = None  # sealed after the last block frame
+        #: whether the peers agreed on EPOCH_MARKERS; without it markers are not sent
+        self.markers_allowed = True
         self.stats = SourceStats()
 
     @property
@@ -95,12 +98,18 @@ class SourceSession:
         self.stats.blocks_total = blocks_total
         self.stats.blocks_to_send = len(indexes)
         self._runs = block_runs(indexes, max(1, RUN_BYTES // self.block_size))
-        # nothing differs: complete at once (a stream would wait for an ack of seq 0)
-        self._sealed_all = len(indexes) == 0
+        # nothing to send: complete at once (a stream would wait for an ack of seq 0)
+        self._sealed_all = len(indexes) == 0 and self._marker is None
+
+    def set_marker(self, record: bytes) -> None:
+        """Close the plan with a marker frame (an epoch boundary); call before planning."""
+        if self.markers_allowed:
+            self._marker = record
 
     def stop_sealing(self) -> None:
         """Seal nothing more: the session completes once the sealed frames are PERSISTED."""
         self._runs = iter(())
+        self._marker = None  # an epoch cut short has no boundary to mark
         self._sealed_all = True
 
     def window_full(self) -> bool:
@@ -117,6 +126,8 @@ class SourceSession:
         while len(out) < limit and not self.window_full():
             run = next(self._runs, None)
             if run is None:
+                if self._marker is not None:
+                    out.append(self._seal_marker())
                 self._sealed_all = True
                 break
             out.append(self._seal(*run))
@@ -132,6 +143,16 @@ class SourceSession:
         self._unacked_bytes += len(frame)
         self.stats.frames_sent += 1
         self.stats.bytes_plain += length
+        self.stats.bytes_framed += len(frame)
+        return self._seq, frame
+
+    def _seal_marker(self) -> tuple[int, bytes]:
+        record, self._marker = self._marker, None
+        self._seq += 1
+        frame = self._encoder.encode_marker(self._seq, record)
+        self._unacked[self._seq] = (frame, 0)
+        self._unacked_bytes += len(frame)
+        self.stats.frames_sent += 1
         self.stats.bytes_framed += len(frame)
         return self._seq, frame
 

@@ -218,6 +218,8 @@ class PairInfo:
     blocks_done: int = 0
     persisted_seq: int = 0
     error: str = ""
+    mode: str = ""
+    rpo_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -246,12 +248,22 @@ def pair_to_pb(p: PairInfo) -> control_pb2.PairStatus:
         blocks_done=p.blocks_done,
         persisted_seq=p.persisted_seq,
         error=p.error,
+        mode=p.mode,
+        rpo_seconds=p.rpo_seconds,
     )
 
 
 def pair_from_pb(m: control_pb2.PairStatus) -> PairInfo:
     return PairInfo(
-        m.disk, m.volume, m.state, m.blocks_total, m.blocks_done, m.persisted_seq, m.error
+        m.disk,
+        m.volume,
+        m.state,
+        m.blocks_total,
+        m.blocks_done,
+        m.persisted_seq,
+        m.error,
+        m.mode,
+        m.rpo_seconds,
     )
 
 

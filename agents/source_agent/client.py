@@ -26,7 +26,7 @@ from replication import metrics, wire
 from replication.certs import Identity
 from replication.errors import ERRORS_BY_CODE, PairFailedError
 from replication.hashmap import HashMap, compute_maps
-from replication.protocol import Hello, negotiate
+from replication.protocol import Agreed, Feature, Hello, negotiate
 from replication.server import error_code_of, error_from_rpc
 from replication.source import SourceSession
 from replication.throttle import TokenBucket
@@ -206,10 +206,10 @@ class Replicator:
             out.put(wire.CloseMsg(s.last_seq))
 
 
-def handshake(stub) -> None:
+def handshake(stub) -> Agreed:
     """Negotiate with the process server (raises ProtocolVersionError on mismatch)."""
     reply = stub.Handshake(wire.hello_to_pb(Hello(role="source")), timeout=30)
-    negotiate(Hello(role="source"), wire.hello_from_pb(reply))
+    return negotiate(Hello(role="source"), wire.hello_from_pb(reply))
 
 
 def replicate_once(
@@ -239,8 +239,9 @@ def replicate_once(
 
     try:
         stub = connect()
-        handshake(stub)
+        agreed = handshake(stub)
         session = SourceSession(disk, volume, secret, block_size=options.block_size)
+        session.markers_allowed = agreed.has(Feature.EPOCH_MARKERS)
         (plan or plan_by_hash_compare)(session, stub)
         log.info(
             "event=plan volume=%s blocks_total=%d blocks_to_send=%d",
@@ -257,9 +258,13 @@ def replicate_once(
             channel.close()
 
 
-def plan_by_hash_compare(session: SourceSession, stub) -> None:
-    """Plan a resync: fetch the target's hash map, hash the disk, send what differs."""
-    disk = session.disk
+def plan_by_hash_compare(session: SourceSession, stub, hash_disk=None) -> None:
+    """Plan a resync: fetch the target's hash map, hash the disk, send what differs.
+
+    ``hash_disk`` is the Disk to hash when the session reads through another object
+    (a live, tracked disk); by default the session's own disk.
+    """
+    disk = hash_disk or session.disk
     target_map = fetch_target_map(stub, session.volume, session.block_size, disk.virtual_size)
     (source_map,) = compute_maps([(disk, None)], session.block_size)
     session.plan(source_map, target_map)

@@ -2,14 +2,18 @@
 
 Two modes. ``--once``: resync every disk into its volume, exit 0 when all is
 PERSISTED (non-zero with the reason otherwise). Without it, a daemon: every disk
-starts a pair to the volume of the same name (unless ``--idle``), each pair
-re-syncs by hash compare every ``--rescan-interval`` seconds, and a control
+starts a pair to the volume of the same name (unless ``--idle``), and a control
 listener (``--control-listen``, the scenario's port 443 role) lets an orchestrator
-start, stop and watch pairs.
+start, stop and watch pairs. Without ``--state-dir`` each pair re-syncs by hash
+compare every ``--rescan-interval`` seconds. With it, every disk is tracked (a
+crash-safe dirty bitmap in ``STATE_DIR/NAME``): writes must go through the agent,
+via its NBD front end (``--nbd-listen``, one export per disk name), and pairs ship
+consistent epochs of the changed blocks as they come.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from functools import partial
 from pathlib import Path
@@ -19,10 +23,13 @@ from replication.blocks import DEFAULT_BLOCK_SIZE
 from replication.certs import load_identity
 from replication.config import load_passphrase, parse_assignments
 from replication.disks import open_disk
+from replication.epochs import LiveDisk
 from replication.errors import UsageError
 from replication.logs import setup_logging
+from replication.nbd import NbdServer
 from replication.server import create_server, start_metrics, wait_for_signal
 from replication.throttle import TokenBucket, parse_rate
+from replication.tracking import TrackedDisk
 from replication.v1 import control_pb2_grpc
 
 from .client import PairOptions, replicate_once
@@ -44,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "bandwidth_limit": None,
     "control_listen": None,
     "metrics_listen": None,
+    "state_dir": None,
+    "nbd_listen": None,
 }
 
 
@@ -79,8 +88,8 @@ def _options(settings: dict[str, Any]) -> PairOptions:
     )
 
 
-def _replicate(disk, volume, options, *, secret, address, identity):
-    return replicate_once(disk, volume, secret, address, identity, options)
+def _replicate(disk, volume, options, plan=None, *, secret, address, identity):
+    return replicate_once(disk, volume, secret, address, identity, options, plan=plan)
 
 
 def _run_once(disks: dict[str, str], replicate, options: PairOptions, log) -> int:
@@ -106,7 +115,52 @@ def _run_daemon(settings, disks, replicate, options, identity, log, stop) -> int
     interval = float(settings["rescan_interval"])
     if interval <= 0:
         raise UsageError("--rescan-interval must be positive")
-    pairs = PairTable(disks, replicate, options, rescan_interval=interval)
+    with contextlib.ExitStack() as stack:
+        live = _open_live_disks(settings, disks, stack, log)
+        nbd = _serve_nbd(settings, live, stack, log)
+        pairs = PairTable(disks, replicate, options, rescan_interval=interval, live=live)
+        stack.callback(pairs.stop_all)  # before the disks close (callbacks run in reverse)
+        _serve(settings, disks, pairs, identity, log, stop, nbd)
+    log.info("event=stopped")
+    return 0
+
+
+def _open_live_disks(settings, disks, stack, log) -> dict[str, LiveDisk]:
+    """With --state-dir: open every disk tracked, as a LiveDisk (else: none)."""
+    if not settings["state_dir"]:
+        if settings["nbd_listen"]:
+            raise UsageError("--nbd-listen needs --state-dir (writes must be tracked)")
+        return {}
+    live = {}
+    for name, path in disks.items():
+        state = Path(settings["state_dir"]) / name
+        tracked = stack.enter_context(
+            TrackedDisk.open(path, state, block_size=int(settings["block_size"]))
+        )
+        trust = tracked.trust
+        log.info(
+            "event=tracking disk=%s trusted=%s reason=%s",
+            name,
+            trust.trusted,
+            getattr(trust.reason, "value", trust.reason),
+        )
+        live[name] = LiveDisk(tracked, tracked.tracker, state)
+        stack.callback(live[name].close)
+    return live
+
+
+def _serve_nbd(settings, live, stack, log):
+    if not settings["nbd_listen"]:
+        return None
+    host, _, port = settings["nbd_listen"].rpartition(":")
+    server = NbdServer(live)
+    bound = server.start(host or "127.0.0.1", int(port))
+    stack.callback(server.stop)
+    log.info("event=nbd_listening port=%d exports=%s", bound, ",".join(live))
+    return bound
+
+
+def _serve(settings, disks, pairs, identity, log, stop, nbd_port) -> None:
     server = None
     if settings["control_listen"]:
 
@@ -119,10 +173,13 @@ def _run_daemon(settings, disks, replicate, options, identity, log, stop) -> int
     if not settings["idle"]:
         for name in disks:
             pairs.start(name, name)
-    log.info("event=started disks=%s metrics_port=%s", ",".join(disks), metrics_port)
+    log.info(
+        "event=started disks=%s metrics_port=%s nbd_port=%s",
+        ",".join(disks),
+        metrics_port,
+        nbd_port,
+    )
     wait_for_signal(stop)
     pairs.stop_all()
     if server is not None:
         server.stop(grace=5).wait()
-    log.info("event=stopped")
-    return 0

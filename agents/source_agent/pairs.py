@@ -1,25 +1,37 @@
 """Replication pairs of a running source agent: one worker thread per pair.
 
 A pair joins one local disk (``--disk NAME=PATH``) to one master-target volume. Its
-worker loops: resync (hash compare, only differing blocks move), then ``protected``
-until the next rescan; a failure is reported in the pair's state and retried with a
-bounded backoff, never silently dropped. ``StopPair`` cancels the worker: it seals
-nothing more, waits (bounded) for the acks of frames already sent, and ends in
-``stopped``. The table of pairs is what ``Status`` reports.
+worker loops, in one of two modes:
+
+* **rescan** (untracked disk): resync by hash compare (only differing blocks move),
+  then ``protected`` until the next rescan;
+* **tracked** (``--state-dir``: writes go through a LiveDisk, e.g. the NBD front
+  end): ship one epoch at a time (cut, copy-on-write snapshot, its dirty blocks,
+  an epoch-end marker), commit the epoch once PERSISTED, then wait for writes. An
+  untrusted tracker (first start, unclean state) makes its first epoch a
+  hash-compare resync, marked not consistent.
+
+A failure is reported in the pair's state and retried with a bounded backoff
+(an unfinished epoch is aborted: its blocks stay dirty), never silently dropped.
+``StopPair`` cancels the worker: it seals nothing more, waits (bounded) for the
+acks of frames already sent, and ends in ``stopped``. The table of pairs is what ``Status`` reports.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from replication import metrics
 from replication.disks import open_disk
+from replication.epochs import LiveDisk
 from replication.errors import PairBusyError, ReplicationError, UnknownDiskError
 
-from .client import PairOptions
+from .client import PairOptions, plan_by_hash_compare
 
 log = logging.getLogger("source-agent")
 
@@ -40,6 +52,8 @@ class PairState:
     error: str = ""
     cycles: int = 0
     last_protected: float | None = None
+    mode: str = "rescan"
+    rpo_seconds: float = 0.0
 
 
 @dataclass
@@ -50,8 +64,11 @@ class _Pair:
     thread: threading.Thread | None = None
 
 
-#: replicate(disk, volume, options) -> finished session; the agent binds the rest
+#: replicate(disk, volume, options, plan=None) -> finished session; the agent binds the rest
 ReplicateFn = Callable[..., object]
+
+#: shortest time between two epochs: bounds the frame and marker overhead under churn
+MIN_EPOCH_SPACING = 0.05
 
 
 class PairTable:
@@ -64,8 +81,10 @@ class PairTable:
         options: PairOptions,
         *,
         rescan_interval: float,
+        live: dict[str, LiveDisk] | None = None,
     ) -> None:
         self._disks = disks
+        self._live = live or {}
         self._replicate = replicate
         self._options = options
         self._rescan = rescan_interval
@@ -88,7 +107,8 @@ class PairTable:
                         "stop that pair first"
                     )
                 return replace(pair.status)
-            pair = _Pair(self._disks[disk], PairState(disk, volume))
+            mode = "tracked" if disk in self._live else "rescan"
+            pair = _Pair(self._disks[disk], PairState(disk, volume, mode=mode))
             pair.thread = threading.Thread(
                 target=self._run, args=(pair,), name=f"pair-{disk}", daemon=True
             )
@@ -120,12 +140,18 @@ class PairTable:
             return [replace(p.status) for p in self._pairs.values()]
 
     def _run(self, pair: _Pair) -> None:
-        """The worker: resync, then rescan every interval, until cancelled."""
+        """The worker: resync, then rescan every interval (or ship epochs), until cancelled."""
         backoff = 1.0
+        live = self._live.get(pair.status.disk)
         while not pair.cancel.is_set():
             wait = self._rescan
             try:
-                self._cycle(pair)
+                if live is None:
+                    self._cycle(pair)
+                else:
+                    self._ship_epoch(pair, live)
+                    self._wait_for_writes(pair, live)
+                    wait = MIN_EPOCH_SPACING
                 backoff = 1.0
             except ReplicationError as err:
                 pair.status.state, pair.status.error = "error", str(err)
@@ -139,12 +165,7 @@ class PairTable:
     def _cycle(self, pair: _Pair) -> None:
         status = pair.status
         status.state = "resyncing"
-
-        def progress(session) -> None:
-            s = session.stats
-            status.blocks_total, status.blocks_done = s.blocks_to_send, s.blocks_persisted
-            status.persisted_seq = s.persisted_seq
-
+        progress = self._progress(status)
         options = replace(self._options, cancel=pair.cancel, on_progress=progress)
         with open_disk(pair.path) as disk:
             progress(self._replicate(disk, status.volume, options))
@@ -156,3 +177,88 @@ class PairTable:
         log.info(
             "event=protected disk=%s volume=%s cycle=%d", status.disk, status.volume, status.cycles
         )
+
+    def _wait_for_writes(self, pair: _Pair, live: LiveDisk) -> None:
+        """Until a write comes (or the rescan interval ends, or the pair is stopped)."""
+        deadline = time.monotonic() + self._rescan
+        while not pair.cancel.is_set() and time.monotonic() < deadline:
+            if live.wait_for_writes(0.2):
+                return
+
+    def _progress(self, status: PairState):
+        def progress(session) -> None:
+            s = session.stats
+            status.blocks_total, status.blocks_done = s.blocks_to_send, s.blocks_persisted
+            status.persisted_seq = s.persisted_seq
+
+        return progress
+
+    def _ship_epoch(self, pair: _Pair, live: LiveDisk) -> None:
+        """Cut one epoch, send its blocks and its end marker; commit once PERSISTED."""
+        status = pair.status
+        epoch, reader, oldest = live.cut()
+        log.info(
+            "event=epoch disk=%s number=%d full_resync=%s blocks=%d",
+            status.disk,
+            epoch.number,
+            epoch.full_resync,
+            epoch.count(),
+        )
+        try:
+            record = epoch_marker(epoch.number, not epoch.full_resync, oldest, None)
+            if epoch.full_resync:
+                status.state = "resyncing"
+                disk, plan = live, _resync_plan(record, live.disk)
+            else:
+                disk, plan = reader, _epoch_plan(record, epoch)
+            options = replace(self._options, cancel=pair.cancel, on_progress=self._progress(status))
+            session = self._replicate(disk, status.volume, options, plan=plan)
+        except BaseException:
+            epoch.abort()  # its blocks stay dirty for the next epoch
+            raise
+        finally:
+            live.release()
+        if not session.complete():
+            epoch.abort()
+            return
+        epoch.commit()
+        self._progress(status)(session)
+        now = time.time()
+        status.rpo_seconds = max(0.0, now - oldest) if oldest is not None else 0.0
+        metrics.RPO_SECONDS.set(status.rpo_seconds)
+        if status.state != "protected":
+            log.info("event=protected disk=%s volume=%s mode=tracked", status.disk, status.volume)
+        status.state, status.error = "protected", ""
+        status.cycles += 1
+        status.last_protected = now
+
+
+def epoch_marker(number: int, consistent: bool, oldest: float | None, tag: dict | None) -> bytes:
+    """The epoch-end marker record (docs/protocol.md, "Marker frames")."""
+    return json.dumps(
+        {
+            "type": "epoch-end",
+            "epoch": number,
+            "consistent": consistent,
+            "cut_time": time.time(),
+            "oldest_write": oldest,
+            "tag": tag,
+        },
+        sort_keys=True,
+    ).encode()
+
+
+def _epoch_plan(record: bytes, epoch):
+    def plan(session, stub) -> None:
+        session.set_marker(record)
+        session.plan_blocks(epoch.blocks(), -(-session.disk.virtual_size // session.block_size))
+
+    return plan
+
+
+def _resync_plan(record: bytes, hash_disk):
+    def plan(session, stub) -> None:
+        session.set_marker(record)
+        plan_by_hash_compare(session, stub, hash_disk)
+
+    return plan

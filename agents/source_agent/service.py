@@ -23,7 +23,15 @@ ROLE = "source"
 
 def pair_info(p: PairState) -> wire.PairInfo:
     return wire.PairInfo(
-        p.disk, p.volume, p.state, p.blocks_total, p.blocks_done, p.persisted_seq, p.error
+        p.disk,
+        p.volume,
+        p.state,
+        p.blocks_total,
+        p.blocks_done,
+        p.persisted_seq,
+        p.error,
+        p.mode,
+        p.rpo_seconds,
     )
 
 

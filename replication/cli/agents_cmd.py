@@ -89,6 +89,15 @@ def _source_agent(sub) -> None:
     p.add_argument(
         "--control-listen", help="HOST:PORT of the control service (port 443 role; default off)"
     )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="track every disk's writes here (crash-safe dirty bitmaps); pairs ship epochs",
+    )
+    p.add_argument(
+        "--nbd-listen",
+        help="HOST:PORT of an NBD front end serving each disk by name (needs --state-dir)",
+    )
     p.add_argument("--block-size", type=parse_size, help="default 64K")
     p.add_argument("--deadline", type=float, help="give up after this many seconds")
     p.add_argument("--passphrase-file", type=Path, help="frame key (default TLS_DIR/passphrase)")

@@ -12,6 +12,7 @@ class Feature(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEATURE_ZSTD: _ClassVar[Feature]
     FEATURE_HASHMAP_RESYNC: _ClassVar[Feature]
     FEATURE_RECEIVED_ACK: _ClassVar[Feature]
+    FEATURE_EPOCH_MARKERS: _ClassVar[Feature]
 
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +31,7 @@ FEATURE_UNSPECIFIED: Feature
 FEATURE_ZSTD: Feature
 FEATURE_HASHMAP_RESYNC: Feature
 FEATURE_RECEIVED_ACK: Feature
+FEATURE_EPOCH_MARKERS: Feature
 ROLE_UNSPECIFIED: Role
 ROLE_SOURCE: Role
 ROLE_PROCESS_SERVER: Role

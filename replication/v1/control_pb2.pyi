@@ -76,7 +76,7 @@ class StopPairRequest(_message.Message):
     def __init__(self, disk: _Optional[str] = ...) -> None: ...
 
 class PairStatus(_message.Message):
-    __slots__ = ("disk", "volume", "state", "blocks_total", "blocks_done", "persisted_seq", "error")
+    __slots__ = ("disk", "volume", "state", "blocks_total", "blocks_done", "persisted_seq", "error", "mode", "rpo_seconds")
     DISK_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,8 @@ class PairStatus(_message.Message):
     BLOCKS_DONE_FIELD_NUMBER: _ClassVar[int]
     PERSISTED_SEQ_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    RPO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     disk: str
     volume: str
     state: str
@@ -91,4 +93,6 @@ class PairStatus(_message.Message):
     blocks_done: int
     persisted_seq: int
     error: str
-    def __init__(self, disk: _Optional[str] = ..., volume: _Optional[str] = ..., state: _Optional[str] = ..., blocks_total: _Optional[int] = ..., blocks_done: _Optional[int] = ..., persisted_seq: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    mode: str
+    rpo_seconds: float
+    def __init__(self, disk: _Optional[str] = ..., volume: _Optional[str] = ..., state: _Optional[str] = ..., blocks_total: _Optional[int] = ..., blocks_done: _Optional[int] = ..., persisted_seq: _Optional[int] = ..., error: _Optional[str] = ..., mode: _Optional[str] = ..., rpo_seconds: _Optional[float] = ...) -> None: ...

@@ -27,6 +27,7 @@ from replication.errors import (
 )
 from replication.frame import (
     FLAG_COMPRESSED,
+    FLAG_MARKER,
     FRAME_MAGIC,
     FRAME_VERSION,
     HEADER_SIZE,
@@ -155,7 +156,7 @@ GOOD = FrameHeader(disk_id=DISK, salt=bytes(16), seq=1, offset=0, length=100, pa
         ({"version": 0}, FrameFormatError, "version"),
         ({"version": 2}, FrameFormatError, "version"),
         ({"header_length": 65}, FrameFormatError, "header length"),
-        ({"flags": 0x02}, FrameFormatError, "flags"),
+        ({"flags": 0x04}, FrameFormatError, "flags"),
         ({"codec": 0}, FrameFormatError, "codec"),
         ({"codec": 2}, FrameFormatError, "codec"),
         ({"length": 0, "payload_length": 32}, FrameFormatError, "length"),
@@ -624,3 +625,33 @@ def test_header_struct_is_big_endian() -> None:
     assert struct.unpack(">Q", packed[48:56]) == (2,)
     assert struct.unpack(">I", packed[56:60]) == (3,)
     assert struct.unpack(">I", packed[60:64]) == (35,)
+
+
+# --- marker frames ---------------------------------------------------------------------
+
+
+def test_a_marker_frame_round_trips_and_says_it_is_a_marker() -> None:
+    enc = FrameEncoder(SECRET, DISK)
+    record = b'{"type": "epoch-end", "epoch": 7}'
+    block = enc.encode(1, 65536, b"x" * 4096)
+    marker = enc.encode_marker(2, record)
+    dec = FrameDecoder(SECRET, DISK)
+    assert not dec.decode(block).marker
+    got = dec.decode(marker)
+    assert got.marker and got.data == record and got.offset == 0 and got.seq == 2
+
+
+def test_the_marker_flag_is_authenticated() -> None:
+    enc = FrameEncoder(SECRET, DISK)
+    frame = bytearray(enc.encode(1, 0, b"x" * 4096))
+    frame[5] |= FLAG_MARKER  # a relay turning a block into a marker (or back) is caught
+    with pytest.raises(FrameAuthError):
+        FrameDecoder(SECRET, DISK).decode(bytes(frame))
+
+
+def test_a_marker_away_from_offset_zero_is_malformed() -> None:
+    enc = FrameEncoder(SECRET, DISK)
+    frame = bytearray(enc.encode_marker(1, b"{}"))
+    struct.pack_into(">Q", frame, 48, 4096)
+    with pytest.raises(FrameFormatError, match="marker"):
+        FrameDecoder(SECRET, DISK).decode(bytes(frame))

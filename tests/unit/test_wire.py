@@ -36,6 +36,7 @@ def test_feature_values_match_the_proto_enum():
     assert Feature.ZSTD == common_pb2.FEATURE_ZSTD
     assert Feature.HASHMAP_RESYNC == common_pb2.FEATURE_HASHMAP_RESYNC
     assert Feature.RECEIVED_ACK == common_pb2.FEATURE_RECEIVED_ACK
+    assert Feature.EPOCH_MARKERS == common_pb2.FEATURE_EPOCH_MARKERS
     assert AckLevel.PERSISTED == common_pb2.PERSISTED
 
 
