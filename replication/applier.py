@@ -46,8 +46,14 @@ The state lives in SQLite (WAL mode, ``synchronous=FULL`` so a commit is fsynced
 WAL with ``NORMAL`` may lose the last transactions on power loss), one row per
 session, all rows of one commit in one transaction.
 
-If a flush fails, the in-memory progress of the sessions of that volume falls back
-to what is recorded, so the source resends everything that may not be durable.
+If a write or a flush fails, the in-memory progress of the sessions of that volume
+falls back to what is recorded, so the source resends everything that may not be
+durable, and the volume's handle is closed (reopened by the next frame): after a
+failed write its in-memory tables may disagree with the file, so nothing more is
+written through it. A full device (``ENOSPC``, or SQLite's ``SQLITE_FULL``) becomes
+:class:`~replication.errors.VolumeDiskFullError`, which is retryable: the process
+server keeps the frames spooled and tries again once space is freed. A failed
+SQLite commit leaves the recorded seq where it was (never ahead of the disk).
 
 Not handled here (next issues): ordering between two sessions writing the same
 blocks of one volume; the gRPC adapter; live-write races (design R4).
@@ -55,6 +61,8 @@ blocks of one volume; the gRPC adapter; live-write races (design R4).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -66,6 +74,8 @@ import numpy as np
 from .blocks import block_count, check_block_size
 from .disks import Disk, open_disk
 from .errors import (
+    DiskFullError,
+    DiskIOError,
     DiskSizeMismatchError,
     FrameAuthError,
     FrameGapError,
@@ -74,6 +84,7 @@ from .errors import (
     OutOfRangeError,
     SessionNotOpenError,
     UsageError,
+    VolumeDiskFullError,
 )
 from .frame import TAG_SIZE, DecodedFrame, FrameDecoder, peek_header
 from .hashmap import HashMap
@@ -115,6 +126,8 @@ CREATE TABLE IF NOT EXISTS sessions (
 _SCHEMA_VERSION = 1
 
 SessionKey = tuple[str, bytes]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -167,48 +180,70 @@ class ApplyState:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # the master target serialises every call with one lock; RPC threads differ
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: each commit is fsynced; WAL + NORMAL could lose acked state on power loss.
-        self._db.execute("PRAGMA synchronous=FULL")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, _SCHEMA_VERSION):
-            raise UsageError(f"{self.path}: apply state schema {version} is newer than this build")
-        self._db.execute(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        with self._errors("open"):
+            # the master target serialises every call with one lock; RPC threads differ
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: each commit is fsynced; WAL + NORMAL could lose acked state on power loss.
+            self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA_VERSION):
+                raise UsageError(
+                    f"{self.path}: apply state schema {version} is newer than this build"
+                )
+            self._db.execute(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Turn SQLite's I/O failures into typed, retryable errors; roll back what is open."""
+        try:
+            yield
+        except BaseException as err:
+            db = getattr(self, "_db", None)
+            if db is not None and db.in_transaction:
+                # SQLITE_FULL and SQLITE_IOERR may or may not roll back by themselves
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            typed = _state_error(f"{what} apply state {self.path}", err)
+            if typed is None:
+                raise
+            raise typed from err
 
     def get(self, volume: str, session: bytes) -> tuple[int, bytes | None, int] | None:
         """Return ``(persisted_seq, last_tag, block_size)`` of a session, or None."""
-        row = self._db.execute(
-            "SELECT persisted_seq, last_tag, block_size FROM sessions "
-            "WHERE volume = ? AND session = ?",
-            (volume, session),
-        ).fetchone()
+        with self._errors("read"):
+            row = self._db.execute(
+                "SELECT persisted_seq, last_tag, block_size FROM sessions "
+                "WHERE volume = ? AND session = ?",
+                (volume, session),
+            ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
     def insert(self, volume: str, session: bytes, block_size: int) -> None:
         """Record a new session with nothing persisted."""
-        self._db.execute(
-            "INSERT INTO sessions VALUES (?, ?, 0, NULL, ?, ?)",
-            (volume, session, block_size, time.time()),
-        )
+        with self._errors("insert into"):
+            self._db.execute(
+                "INSERT INTO sessions VALUES (?, ?, 0, NULL, ?, ?)",
+                (volume, session, block_size, time.time()),
+            )
 
     def record(self, progress: list[tuple[str, bytes, int, bytes | None]]) -> None:
-        """Store ``(volume, session, persisted_seq, last_tag)`` rows in one transaction."""
+        """Store ``(volume, session, persisted_seq, last_tag)`` rows in one transaction.
+
+        On failure nothing is recorded (the transaction is rolled back) and a typed
+        error is raised: :class:`VolumeDiskFullError` when the device is full.
+        """
         now = time.time()
         rows = [(seq, tag, now, vol, sess) for vol, sess, seq, tag in progress]
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._errors("record progress in"):
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
                 "UPDATE sessions SET persisted_seq = ?, last_tag = ?, updated = ? "
                 "WHERE volume = ? AND session = ?",
                 rows,
             )
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")  # fsynced (synchronous=FULL) before it returns
+            self._db.execute("COMMIT")  # fsynced (synchronous=FULL) before it returns
 
     def close(self) -> None:
         """Close the database; idempotent."""
@@ -348,10 +383,11 @@ class Applier:
                 f"frame seq {frame.seq} writes [{frame.offset}, {frame.offset + length}) "
                 f"past the end of volume {volume!r} ({disk.virtual_size} bytes)"
             )
-        if not np.frombuffer(frame.data, dtype=np.uint8).any():
-            disk.write_zeroes(frame.offset, length)  # sparse volumes stay sparse
-        else:
-            disk.write(frame.offset, frame.data)
+        with self._volume_errors(volume, "write"):
+            if not np.frombuffer(frame.data, dtype=np.uint8).any():
+                disk.write_zeroes(frame.offset, length)  # sparse volumes stay sparse
+            else:
+                disk.write(frame.offset, frame.data)
 
     # -- durability -----------------------------------------------------------------
 
@@ -362,11 +398,8 @@ class Applier:
         last commit. See "Durability order" in the module docstring.
         """
         for volume in sorted(self._touched):
-            try:
+            with self._volume_errors(volume, "flush"):
                 self._disks[volume].flush()
-            except BaseException:
-                self._forget_volume(volume)
-                raise
         progress = [s for s in self._sessions.values() if s.applied_seq > s.persisted_seq]
         if not progress:
             return {}
@@ -379,12 +412,43 @@ class Applier:
         self._touched.clear()
         return {(s.volume, s.session): s.persisted_seq for s in progress}
 
+    @contextlib.contextmanager
+    def _volume_errors(self, volume: str, what: str) -> Iterator[None]:
+        """On a failed write or flush: forget, drop the handle, and type a full device."""
+        try:
+            yield
+        except BaseException as err:
+            self._forget_volume(volume)
+            self._drop_disk(volume)
+            if isinstance(err, DiskFullError) and not isinstance(err, VolumeDiskFullError):
+                raise VolumeDiskFullError(
+                    f"{what} volume {volume!r}: {err.message}",
+                    hint="free space on the volume's device; the frames are retried",
+                ) from err
+            raise
+
     def _forget_volume(self, volume: str) -> None:
-        """After a failed flush nothing unrecorded on ``volume`` can be trusted."""
+        """After a failed write or flush nothing unrecorded on ``volume`` can be trusted."""
         for s in self._sessions.values():
             if s.volume == volume:
                 s.forget_pending()
         self._touched.discard(volume)
+
+    def _drop_disk(self, volume: str) -> None:
+        """Close a volume's handle after a failure; the next frame reopens it from disk.
+
+        A failed write may leave the handle's in-memory tables ahead of the file (a
+        grain table allocated in memory, its directory entry never written), so it is
+        never written through again. Closing tries a last flush: whatever it writes
+        is verified data at its own offset, and the source resends it anyway.
+        """
+        disk = self._disks.pop(volume, None)
+        if disk is None:
+            return
+        try:
+            disk.close()
+        except Exception as err:  # the device is still failing: the handle is gone anyway
+            log.warning("event=volume_close_failed volume=%s error=%s", volume, err)
 
     # -- hash maps ------------------------------------------------------------------
 
@@ -453,3 +517,18 @@ def _check_salt(session: bytes) -> bytes:
     if len(session) != SALT_SIZE:
         raise UsageError(f"session id must be {SALT_SIZE} bytes, not {len(session)}")
     return session
+
+
+def _state_error(context: str, err: BaseException) -> DiskIOError | None:
+    """Map an SQLite failure: full device -> VolumeDiskFullError, I/O -> DiskIOError."""
+    if not isinstance(err, sqlite3.Error):
+        return None
+    code = (getattr(err, "sqlite_errorcode", None) or 0) & 0xFF  # primary of an extended code
+    if code == sqlite3.SQLITE_FULL:
+        return VolumeDiskFullError(
+            f"{context}: no space left on device",
+            hint="free space in the master target's data directory; the frames are retried",
+        )
+    if code == sqlite3.SQLITE_IOERR:
+        return DiskIOError(f"{context}: {err}")
+    return None  # corruption or a bug: not ours to dress up

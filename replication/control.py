@@ -17,7 +17,7 @@ from .server import error_from_rpc
 from .tls import secure_channel
 from .v1 import control_pb2_grpc
 
-__all__ = ["ControlClient"]
+__all__ = ["ControlClient", "consistent_cut"]
 
 
 class ControlClient:
@@ -65,6 +65,37 @@ class ControlClient:
         request = wire.stop_pair_to_pb(disk)
         return wire.pair_from_pb(self._call(f"stop pair {disk}", self._stub.StopPair, request))
 
+    def tag(self, spec: wire.TagSpec) -> tuple[list[str], float]:
+        """Cut a tagged epoch on a source agent's disks; return them and the hold time."""
+        reply = self._call(f"tag {spec.name}", self._stub.Tag, wire.tag_to_pb(spec))
+        return wire.tag_reply_from_pb(reply)
+
+    def prepare_cut(self, spec: wire.TagSpec) -> tuple[list[str], float]:
+        """Phase one of a group cut: pre-hook, then hold new writes (until commit/timeout)."""
+        reply = self._call(f"prepare {spec.name}", self._stub.PrepareCut, wire.tag_to_pb(spec))
+        return wire.tag_reply_from_pb(reply)
+
+    def commit_cut(self, spec: wire.TagSpec) -> tuple[list[str], float]:
+        """Phase two: cut the tagged epoch, release the writes, post-hook."""
+        reply = self._call(f"commit {spec.name}", self._stub.CommitCut, wire.tag_to_pb(spec))
+        return wire.tag_reply_from_pb(reply)
+
+    def list_points(self, volume: str) -> list[wire.PointMsg]:
+        """The recovery points of a master target's volume, oldest first."""
+        reply = self._call(
+            f"list points of {volume}", self._stub.ListPoints, wire.list_points_request_pb(volume)
+        )
+        return wire.points_from_pb(reply)
+
+    def produce_disk(
+        self, volume: str, point: str, name: str, subformat: str = "monolithicSparse"
+    ) -> tuple[wire.VolumeInfo, wire.PointMsg]:
+        """Write ``volume`` at ``point`` into a new verified VMDK ``name`` (master target)."""
+        request = wire.produce_request_pb(volume, point, name, subformat)
+        return wire.produced_from_pb(
+            self._call(f"produce {volume}@{point}", self._stub.ProduceDisk, request)
+        )
+
     def close(self) -> None:
         self._channel.close()
 
@@ -79,3 +110,23 @@ class ControlClient:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as err:
             raise error_from_rpc(err, f"{what} at {self.address}") from None
+
+
+def consistent_cut(clients: list[ControlClient], spec: wire.TagSpec) -> float:
+    """One tagged cut across several source agents (a multi-VM consistency group).
+
+    Every agent is prepared (writes held) before any is cut, so no write that
+    follows the cut on one disk can be included while one it depends on is not
+    (control.proto explains the protocol). If a prepare fails its error is raised
+    and no disk is cut: the agents already prepared release their writes when their
+    prepare timeout passes. Returns the longest hold time.
+    """
+    prepared = []
+    for client in clients:
+        client.prepare_cut(spec)
+        prepared.append(client)
+    held = 0.0
+    for client in prepared:
+        _disks, seconds = client.commit_cut(spec)
+        held = max(held, seconds)
+    return held

@@ -138,6 +138,9 @@ class LiveDisk:
         self._snapshot: EpochSnapshot | None = None
         self._first_write: float | None = None  # first write since the last cut
         self._written = threading.Condition(self.lock)
+        self._wake = False  # a cut is wanted now, writes or not (a tag)
+        self._held = False  # new writes wait (a consistency-group cut is being made)
+        self._unheld = threading.Condition(self.lock)
 
     # --- the writer's side (NBD front end, embedded API) ---------------------------
 
@@ -155,13 +158,35 @@ class LiveDisk:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         with self.lock:
+            self._wait_unheld()
             self._before_write(offset, len(data))
             self.disk.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         with self.lock:
+            self._wait_unheld()
             self._before_write(offset, length)
             self.disk.write_zeroes(offset, length)
+
+    def _wait_unheld(self) -> None:
+        # the writer is not acknowledged while held: that is what makes a group cut
+        # consistent across disks (control.proto, "multi-VM consistent cut")
+        while self._held:
+            self._unheld.wait()
+
+    def hold_writes(self) -> None:
+        """Make new writes wait (those in progress finish first: they hold the lock)."""
+        with self.lock:
+            self._held = True
+
+    def release_writes(self) -> None:
+        with self.lock:
+            self._held = False
+            self._unheld.notify_all()
+
+    @property
+    def writes_held(self) -> bool:
+        return self._held
 
     def flush(self) -> None:
         self.disk.flush()
@@ -176,11 +201,18 @@ class LiveDisk:
     # --- the sender's side ------------------------------------------------------------
 
     def wait_for_writes(self, timeout: float) -> bool:
-        """Wait (bounded) until something was written since the last cut."""
+        """Wait (bounded) until something was written since the last cut, or a wake."""
         with self.lock:
-            if self._first_write is None:
+            if self._first_write is None and not self._wake:
                 self._written.wait(timeout)
-            return self._first_write is not None
+            woken, self._wake = self._wake, False
+            return woken or self._first_write is not None
+
+    def wake(self) -> None:
+        """Make the sender cut now (a tag), even without writes."""
+        with self.lock:
+            self._wake = True
+            self._written.notify_all()
 
     def cut(self):
         """Cut an epoch now: return (epoch, reader, oldest_write_time).

@@ -508,3 +508,26 @@ class EpochError(TrackingError):
 
 
 __all__ += ["EpochError", "TrackingBrokenError", "TrackingBusyError", "TrackingError"]
+
+
+# --- recovery history (master target) ---------------------------------------------
+
+
+class VerifyMismatchError(ReplicationError):
+    """A disk differs from the recovery point it was checked against (ranges named)."""
+
+    code = "verify.mismatch"
+    exit_status = 1
+
+
+__all__ += ["VerifyMismatchError"]
+
+
+class TagFailedError(ReplicationError):
+    """A tagged cut could not be made (disk not tracked or not protected, hook failed, timeout)."""
+
+    code = "pair.tag_failed"
+    retryable = True
+
+
+__all__ += ["TagFailedError"]

@@ -29,3 +29,8 @@ COMPRESSION_RATIO = Gauge(
 )
 RESYNC_BLOCKS = Gauge("replication_resync_blocks", "Blocks of the current resync", ["state"])
 RPO_SECONDS = Gauge("replication_rpo_seconds", "Age of the oldest write not yet PERSISTED")
+PARKED_SESSIONS = Gauge(
+    "replication_parked_sessions",
+    "Sessions the process server stopped forwarding after a permanent refusal",
+)
+__all__ += ["PARKED_SESSIONS"]

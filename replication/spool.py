@@ -317,7 +317,8 @@ class Spool:
         Raises :class:`FrameGapError` (seq skips ahead), :class:`FrameReplayError`
         (identity spooled with other bytes), :class:`FrameFormatError` (bad header, or
         it does not match seq/session), :class:`SpoolFullError` (limit reached: push
-        back) and :class:`SpoolDiskFullError` (device full).
+        back), :class:`SpoolDiskFullError` (device full) and :class:`SpoolError` (the
+        record is larger than the whole limit: it could never be spooled).
         """
         self._check_usable()
         self._finish_cut()
@@ -331,6 +332,12 @@ class Spool:
         if seq != appended + 1:
             raise FrameGapError(f"{volume}: seq {seq} after {appended}: frames are missing")
         record_length = RECORD_HEADER_SIZE + len(key[0].encode()) + len(frame)
+        if record_length > self._limit:
+            # waiting would never help: fail the stream instead of blocking it forever
+            raise SpoolError(
+                f"a {record_length}-byte record can never fit the {self._limit}-byte spool",
+                hint="raise the spool limit above the largest frame",
+            )
         if self.used_bytes + record_length > self._limit:
             raise SpoolFullError(
                 f"spool holds {self.used_bytes} of {self._limit} bytes",

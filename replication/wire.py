@@ -313,3 +313,88 @@ def status_request_pb() -> control_pb2.StatusRequest:
 
 def list_volumes_request_pb() -> control_pb2.ListVolumesRequest:
     return control_pb2.ListVolumesRequest()
+
+
+@dataclass(frozen=True)
+class TagSpec:
+    """A tagged cut asked of a source agent (Tag, PrepareCut, CommitCut)."""
+
+    kind: str
+    name: str
+    group: str = ""
+    disks: tuple[str, ...] = ()
+    timeout_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PointMsg:
+    """A recovery point as the control service reports it."""
+
+    id: int
+    time: float
+    kind: str
+    tag: str
+    group: str
+    manifest_root: str
+
+
+def tag_to_pb(t: TagSpec) -> control_pb2.TagRequest:
+    return control_pb2.TagRequest(
+        kind=t.kind,
+        name=t.name,
+        group=t.group,
+        disks=list(t.disks),
+        timeout_seconds=t.timeout_seconds,
+    )
+
+
+def tag_from_pb(m: control_pb2.TagRequest) -> TagSpec:
+    return TagSpec(m.kind, m.name, m.group, tuple(m.disks), m.timeout_seconds)
+
+
+def tag_reply_to_pb(disks: list[str], held: float) -> control_pb2.TagReply:
+    return control_pb2.TagReply(disks=disks, held_seconds=held)
+
+
+def tag_reply_from_pb(m: control_pb2.TagReply) -> tuple[list[str], float]:
+    return list(m.disks), m.held_seconds
+
+
+def point_to_pb(p: PointMsg) -> control_pb2.RecoveryPoint:
+    return control_pb2.RecoveryPoint(
+        id=p.id, time=p.time, kind=p.kind, tag=p.tag, group=p.group, manifest_root=p.manifest_root
+    )
+
+
+def point_from_pb(m: control_pb2.RecoveryPoint) -> PointMsg:
+    return PointMsg(m.id, m.time, m.kind, m.tag, m.group, m.manifest_root)
+
+
+def list_points_request_pb(volume: str) -> control_pb2.ListPointsRequest:
+    return control_pb2.ListPointsRequest(volume=volume)
+
+
+def points_to_pb(points: list[PointMsg]) -> control_pb2.ListPointsResponse:
+    return control_pb2.ListPointsResponse(points=[point_to_pb(p) for p in points])
+
+
+def points_from_pb(m: control_pb2.ListPointsResponse) -> list[PointMsg]:
+    return [point_from_pb(p) for p in m.points]
+
+
+def produce_request_pb(
+    volume: str, point: str, name: str, subformat: str
+) -> control_pb2.ProduceDiskRequest:
+    return control_pb2.ProduceDiskRequest(
+        volume=volume, point=point, name=name, subformat=subformat
+    )
+
+
+def produced_to_pb(v: VolumeInfo, p: PointMsg) -> control_pb2.ProducedDisk:
+    return control_pb2.ProducedDisk(
+        volume=volume_to_pb(v.name, v.size, v.format, v.subformat), point=point_to_pb(p)
+    )
+
+
+def produced_from_pb(m: control_pb2.ProducedDisk) -> tuple[VolumeInfo, PointMsg]:
+    return volume_from_pb(m.volume), point_from_pb(m.point)

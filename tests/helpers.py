@@ -342,3 +342,40 @@ def strace_written_bytes(log: Path, under: Path) -> int:
         if r and path.startswith(prefix) and int(r.group(1)) > 0:
             total += int(r.group(1))
     return total
+
+
+# --- a small, really full device ---------------------------------------------------------
+
+
+def mount_tmpfs(path: Path, size: int):
+    """Context manager: a tmpfs of ``size`` bytes mounted at ``path``, always unmounted.
+
+    Needs root (the tests run as root); a failed mount fails the test, never skips it.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def mounted():
+        path.mkdir(parents=True, exist_ok=True)
+        run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
+        try:
+            yield path
+        finally:
+            # lazy: a process killed by the test may still hold a file open for a moment
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=60)
+
+    return mounted()
+
+
+def fill_device(directory: Path, leave: int) -> Path:
+    """Allocate a filler file so that only ``leave`` bytes stay free; return its path."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        if free > leave:
+            os.posix_fallocate(fd, 0, free - leave)
+    finally:
+        os.close(fd)
+    return filler

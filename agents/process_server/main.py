@@ -9,12 +9,12 @@ from typing import Any
 from replication.certs import load_identity
 from replication.logs import setup_logging
 from replication.server import create_server, start_metrics, wait_for_signal
-from replication.spool import Spool
+from replication.spool import DEFAULT_SEGMENT_SIZE, Spool
 from replication.tls import secure_channel
-from replication.v1 import data_pb2_grpc
+from replication.v1 import control_pb2_grpc, data_pb2_grpc
 
 from .relay import Relay
-from .service import ProcessServerService
+from .service import ProcessServerControl, ProcessServerService
 
 DEFAULTS: dict[str, Any] = {
     "listen": "0.0.0.0:9443",
@@ -28,6 +28,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def segment_size_for(limit: int) -> int:
+    """Spool segment size: a sixteenth of the limit, 1 to 64 MiB.
+
+    Space comes back a whole segment at a time (when all its frames are persisted),
+    so a small spool needs small segments to free space while it keeps filling.
+    """
+    return max(1 << 20, min(DEFAULT_SEGMENT_SIZE, limit // 16))
+
+
 def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); return the exit status."""
     from replication.errors import UsageError
@@ -38,7 +47,8 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
     identity = load_identity(settings["tls_dir"], "process-server", settings["host"])
     spool_dir = Path(settings["spool_dir"])
     spool_dir.mkdir(parents=True, exist_ok=True)
-    spool = Spool.open(spool_dir, limit_bytes=int(settings["spool_limit"]))
+    limit = int(settings["spool_limit"])
+    spool = Spool.open(spool_dir, limit_bytes=limit, segment_size=segment_size_for(limit))
     channel = secure_channel(
         settings["master_target"], identity, server_host=settings["master_target_host"]
     )
@@ -49,6 +59,7 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
         data_pb2_grpc.add_ProcessServerServicer_to_server(
             ProcessServerService(relay, lambda: stub), server
         )
+        control_pb2_grpc.add_ControlServicer_to_server(ProcessServerControl(relay), server)
 
     server, port, _ = create_server(settings["listen"], identity, add)
     relay.resume_all()

@@ -7,10 +7,23 @@ sequence order and turns its PERSISTED acks into ``mark_persisted`` (which frees
 spool space) and into PERSISTED acks for the source, if it is still connected.
 After a restart, every session with unforwarded frames gets its forwarder back
 (``resume_all``), so nothing spooled is lost. The relay never holds a frame key.
+
+Failures are sorted by the error registry's ``retryable`` flag, decided where the
+error was born (``replication.errors``):
+
+* forwarding: a retryable failure (master target unreachable, its disk full) is
+  retried with backoff, the frames staying spooled; a permanent refusal (wrong
+  key, unknown volume, replayed seq) *parks* the session (``parking.py``): no more
+  attempts, frames kept, the source told with the typed error, the reason in
+  ``problems()``, a log line and the parked-sessions gauge;
+* spooling: the spool's byte limit pushes back (the source's stream is not read
+  until forwarding frees space, design W6); a full *device* is answered at once
+  with the retryable ``spool.disk_full``, so the source backs off and resends.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -24,9 +37,19 @@ import grpc
 
 from replication import metrics, wire
 from replication.durable import write_atomically
-from replication.errors import RemoteProtocolError
+from replication.errors import (
+    ERRORS_BY_CODE,
+    RemoteProtocolError,
+    ReplicationError,
+    SpoolDiskFullError,
+    SpoolError,
+    SpoolFullError,
+)
 from replication.frame import peek_header
 from replication.protocol import AckLevel
+from replication.server import error_code_of
+
+from .parking import ParkingLot
 
 log = logging.getLogger("process-server")
 
@@ -60,9 +83,21 @@ class SessionBook:
                 self._sessions[meta.key] = meta
 
     def put(self, meta: SessionMeta) -> None:
+        """Record ``meta`` durably; on failure nothing changes (a typed spool error)."""
+        old = self._sessions.get(meta.key)
         self._sessions[meta.key] = meta
         doc = json.dumps([asdict(m) for m in self._sessions.values()])
-        write_atomically(self._path, doc.encode())
+        try:
+            write_atomically(self._path, doc.encode())
+        except OSError as err:
+            # not durable, so not known: the source's next Open or Close writes it again
+            if old is None:
+                del self._sessions[meta.key]
+            else:
+                self._sessions[meta.key] = old
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolDiskFullError(f"no space to save {self._path}") from err
+            raise SpoolError(f"save {self._path}: {err}") from err
 
     def get(self, key: SessionKey) -> SessionMeta | None:
         return self._sessions.get(key)
@@ -82,11 +117,13 @@ class Relay:
         self._forwarders: dict[SessionKey, threading.Thread] = {}
         self._subscribers: dict[SessionKey, queue.Queue[object]] = {}
         self._stopping = threading.Event()
+        self.parking = ParkingLot()
 
     # -- source side -----------------------------------------------------------------
 
     def open(self, msg: wire.OpenMsg) -> SessionKey:
         meta = SessionMeta(msg.volume, msg.session.hex(), msg.block_size, msg.volume_size)
+        self._refuse_if_parked(meta.key)
         with self._lock:
             known = self._book.get(meta.key)
             if known is None:
@@ -95,15 +132,21 @@ class Relay:
         return meta.key
 
     def accept(self, key: SessionKey, frames: list[wire.FrameMsg]) -> int:
-        """Spool frames durably; return the highest contiguous RECEIVED seq."""
-        for msg in frames:
-            header = peek_header(msg.frame)  # validates the header; no key needed
-            if header.seq != msg.seq or header.salt != key[1]:
-                raise RemoteProtocolError("frame header does not match its session or seq")
-            self._append_waiting_for_space(key, msg)
+        """Spool frames durably; return the highest contiguous RECEIVED seq.
+
+        Raises the parked session's refusal, and :class:`SpoolDiskFullError` when the
+        spool's device is full (retryable: the source resends after a backoff).
+        """
+        self._refuse_if_parked(key)
+        try:
+            synced, appended = self._spool_frames(key, frames)
+        except SpoolDiskFullError as err:
+            self.parking.spool_trouble(f"[{err.code}] {err.message}")
+            log.warning("event=spool_disk_full volume=%s error=%s", key[0], err.message)
+            raise
+        if appended:  # new bytes went down: the device has room again
+            self.parking.spool_trouble(None)
         with self._lock:
-            synced = self._spool.sync()
-            self._lock.notify_all()  # forwarders: new frames to send
             received = synced.get(key, self._spool.state(*key)[0])
             metrics.SPOOL_BYTES.set(self._spool.used_bytes)
             metrics.BACKLOG_FRAMES.set(received - self._spool.state(*key)[1])
@@ -114,19 +157,48 @@ class Relay:
         )
         return received
 
-    def _append_waiting_for_space(self, key: SessionKey, msg: wire.FrameMsg) -> None:
-        from replication.errors import SpoolFullError
+    def _spool_frames(
+        self, key: SessionKey, frames: list[wire.FrameMsg]
+    ) -> tuple[dict[SessionKey, int], bool]:
+        """Append every frame (waiting for space under the limit), then sync once.
 
+        Return what the sync made durable, and whether any frame was new (not a resend).
+        """
+        appended = False
+        for msg in frames:
+            header = peek_header(msg.frame)  # validates the header; no key needed
+            if header.seq != msg.seq or header.salt != key[1]:
+                raise RemoteProtocolError("frame header does not match its session or seq")
+            appended |= self._append_waiting_for_space(key, msg)
+        with self._lock:
+            synced = self._spool.sync()
+            self._lock.notify_all()  # forwarders: new frames to send
+        return synced, appended
+
+    def _append_waiting_for_space(self, key: SessionKey, msg: wire.FrameMsg) -> bool:
+        """Spool one frame; return True if it was new (False: a resend already spooled)."""
         while True:
             with self._lock:
+                self._refuse_if_parked(key)  # a parked session never frees its space
                 try:
-                    self._spool.append(key[0], key[1], msg.seq, msg.frame)
-                    return
+                    result = self._spool.append(key[0], key[1], msg.seq, msg.frame)
+                    return result.status == "appended"
+                except SpoolDiskFullError:
+                    raise  # the device, not our limit: only an operator frees it
                 except SpoolFullError:
                     if self._stopping.is_set():
                         raise
-                    # backpressure: stop reading the source until forwarding frees space
+                    # Backpressure: stop reading the source until forwarding frees space.
+                    # Sync first: forwarders send only durable frames, and the frames of
+                    # this batch already appended may be all that could free it.
+                    self._spool.sync()
+                    self._lock.notify_all()
                     self._lock.wait(0.5)
+
+    def _refuse_if_parked(self, key: SessionKey) -> None:
+        refusal = self.parking.refusal(key)
+        if refusal is not None:
+            raise refusal
 
     def close(self, key: SessionKey, last_seq: int) -> None:
         with self._lock:
@@ -148,6 +220,11 @@ class Relay:
         with self._lock:
             if self._subscribers.get(key) is q:
                 del self._subscribers[key]
+
+    def spool_bytes(self) -> int:
+        """Bytes the spool holds now (what its limit bounds)."""
+        with self._lock:
+            return self._spool.used_bytes
 
     def state(self, key: SessionKey) -> tuple[int, int]:
         """Return (received_seq, persisted_seq) as this process server knows them."""
@@ -183,17 +260,48 @@ class Relay:
         t.start()
 
     def _forward_loop(self, key: SessionKey) -> None:
-        attempt = 0
+        """Forward until finished: retry what may pass with backoff, park the rest."""
+        attempt = 0  # failed attempts since the last progress
         while not self._stopping.is_set() and not self._finished(key):
+            before = self.state(key)[1]
             try:
                 self._forward_once(key)
-                attempt = 0
-            except grpc.RpcError as err:
-                attempt += 1
-                log.warning(
-                    "event=forward_cut volume=%s attempt=%d status=%s", key[0], attempt, err.code()
-                )
-                self._stopping.wait(min(2.0, 0.1 * attempt))
+                failure: BaseException | None = None
+            except Exception as err:  # every failure is sorted below; the thread never dies
+                failure = err
+            progressed = self.state(key)[1] > before
+            if failure is None:
+                attempt = 0 if progressed else attempt + 1
+                self._stopping.wait(min(2.0, 0.1 * attempt))  # ended early: not too eagerly
+                continue
+            refusal = _refusal(failure, key)
+            if refusal is not None:
+                self._park(key, refusal)
+                return
+            attempt = 1 if progressed else attempt + 1
+            reason = _describe(failure)
+            self.parking.retrying(key, attempt, reason)
+            log.warning("event=forward_cut volume=%s attempt=%d reason=%s", key[0], attempt, reason)
+            if not isinstance(failure, grpc.RpcError | ReplicationError):
+                log.error("event=forward_failed volume=%s", key[0], exc_info=failure)
+            self._stopping.wait(min(2.0, 0.1 * attempt))
+
+    def _park(self, key: SessionKey, refusal: ReplicationError) -> None:
+        """Stop forwarding ``key`` for good; keep its frames; tell its source and the operator."""
+        parked = self.parking.park(key, refusal)
+        metrics.PARKED_SESSIONS.set(parked)
+        log.error(
+            "event=session_parked volume=%s session=%s code=%s reason=%s",
+            key[0],
+            key[1].hex(),
+            refusal.code,
+            refusal.message,
+        )
+        with self._lock:
+            sub = self._subscribers.get(key)
+            self._lock.notify_all()  # an ingest waiting for spool space gives up
+        if sub is not None:
+            sub.put(self.parking.refusal(key))  # its Replicate call ends with this error
 
     def _finished(self, key: SessionKey) -> bool:
         with self._lock:
@@ -216,8 +324,14 @@ class Relay:
 
     def _persisted(self, key: SessionKey, seq: int) -> None:
         log.debug("event=persisted volume=%s seq=%d", key[0], seq)
+        self.parking.recovered(key)
         with self._lock:
-            self._spool.mark_persisted(key[0], key[1], seq)
+            try:
+                self._spool.mark_persisted(key[0], key[1], seq)
+            except SpoolDiskFullError as err:
+                # The cursor is right in memory and its file is retried at the next sync
+                # or ack; only the segments it would free stay until then.
+                log.warning("event=cursor_not_saved volume=%s error=%s", key[0], err.message)
             metrics.SPOOL_BYTES.set(self._spool.used_bytes)
             self._lock.notify_all()  # sources waiting for spool space
             sub = self._subscribers.get(key)
@@ -244,3 +358,44 @@ class Relay:
                 metrics.FRAMES.labels("out").inc()
                 metrics.BYTES.labels("out").inc(len(frame))
                 sent = seq
+
+
+def _refusal(failure: BaseException, key: SessionKey) -> ReplicationError | None:
+    """Return the permanent error behind a failed forward, or None if a retry may pass.
+
+    The master target's error code is looked up in the registry: only a code whose
+    class is not retryable is permanent. No code (unreachable, cancelled, a crash)
+    is worth another try. A local error (the spool) carries its own flag.
+    """
+    if isinstance(failure, grpc.RpcError):
+        cls = ERRORS_BY_CODE.get(error_code_of(failure) or "")
+        if cls is None or cls.retryable:
+            return None
+        return cls(
+            f"volume {key[0]}: the master target refused the session: {_details(failure)}",
+            hint="its frames stay spooled; fix the cause, then restart the process server",
+        )
+    if isinstance(failure, ReplicationError) and not failure.retryable:
+        return failure
+    return None
+
+
+def _describe(failure: BaseException) -> str:
+    """One line for logs and status: the stable code when there is one, else the status."""
+    if isinstance(failure, grpc.RpcError):
+        code = error_code_of(failure)
+        if code is not None:
+            return f"[{code}] {_details(failure)}"
+        status = getattr(failure.code(), "name", "UNKNOWN")  # type: ignore[attr-defined]
+        return f"master target: {status}: {_details(failure)}"
+    if isinstance(failure, ReplicationError):
+        return f"[{failure.code}] {failure.message}"
+    return f"{type(failure).__name__}: {failure}"
+
+
+def _details(err: grpc.RpcError) -> str:
+    """The peer's message without the ``[code]`` prefix ``abort_with`` puts first."""
+    text = str(err.details() or "")  # type: ignore[attr-defined]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text

@@ -1,25 +1,36 @@
-"""Process server servicers: thin adapters from gRPC to :class:`Relay`."""
+"""Process server servicers: thin adapters from gRPC to :class:`Relay`.
+
+:class:`ProcessServerService` is the data service sources talk to;
+:class:`ProcessServerControl` answers ``Control.Status`` (spool size and problems:
+parked sessions, forwarding being retried, a full spool device). The other
+control methods belong to the master target and the source agent: UNIMPLEMENTED.
+"""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 
 import grpc
 
 from replication import tls, wire
 from replication.errors import RemoteProtocolError, ReplicationError
-from replication.protocol import AckLevel
+from replication.protocol import AckLevel, Hello
 from replication.server import abort_with, answer_handshake
 from replication.streams import batches
-from replication.v1 import data_pb2_grpc
+from replication.v1 import common_pb2, control_pb2, control_pb2_grpc, data_pb2_grpc
 
 from .relay import Relay
 
 ROLE = "process-server"
 log = logging.getLogger("process-server")
 _DONE = object()
+#: frames read ahead of the spool, and the largest group commit: the process server
+#: holds at most about twice this many frames in memory beyond the spool's limit
+#: before gRPC flow control pushes back on the source (design W6)
+READ_AHEAD_FRAMES = 8
 
 
 class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
@@ -72,7 +83,9 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
     def _ingest(self, requests, outbox: queue.Queue[object], state: dict[str, object]) -> None:
         """Reader: spool frames batch by batch and queue a RECEIVED ack per batch."""
         try:
-            for batch in batches(requests):
+            for batch in batches(
+                requests, max_items=READ_AHEAD_FRAMES, queue_size=READ_AHEAD_FRAMES
+            ):
                 self._ingest_batch(batch, outbox, state)
         except ReplicationError as err:
             outbox.put(err)
@@ -103,3 +116,21 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
         if frames and key is not None:
             received = self._relay.accept(key, frames)  # type: ignore[arg-type]
             outbox.put(wire.AckMsg(key[0], key[1], received, AckLevel.RECEIVED))  # type: ignore[index]
+
+
+class ProcessServerControl(control_pb2_grpc.ControlServicer):
+    """Control service of a process server: ``Status`` only."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+        self._started = time.monotonic()
+
+    def Status(self, request, context):
+        tls.require_role(context, "orchestrator", "source", "master-target")
+        return control_pb2.AgentStatus(
+            role=common_pb2.ROLE_PROCESS_SERVER,
+            agent_version=Hello().agent_version,
+            uptime_seconds=int(time.monotonic() - self._started),
+            spool_bytes=self._relay.spool_bytes(),
+            problems=self._relay.parking.problems(),
+        )

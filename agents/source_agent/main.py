@@ -35,6 +35,7 @@ from replication.v1 import control_pb2_grpc
 from .client import PairOptions, replicate_once
 from .pairs import PairTable
 from .service import SourceControlService
+from .tags import CutCoordinator
 
 DEFAULTS: dict[str, Any] = {
     "process_server": None,
@@ -53,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "metrics_listen": None,
     "state_dir": None,
     "nbd_listen": None,
+    "pre_hook": None,
+    "post_hook": None,
 }
 
 
@@ -120,7 +123,9 @@ def _run_daemon(settings, disks, replicate, options, identity, log, stop) -> int
         nbd = _serve_nbd(settings, live, stack, log)
         pairs = PairTable(disks, replicate, options, rescan_interval=interval, live=live)
         stack.callback(pairs.stop_all)  # before the disks close (callbacks run in reverse)
-        _serve(settings, disks, pairs, identity, log, stop, nbd)
+        cuts = CutCoordinator(pairs, pre_hook=settings["pre_hook"], post_hook=settings["post_hook"])
+        stack.callback(cuts.release_all)  # no writer left held at exit
+        _serve(settings, disks, pairs, cuts, identity, log, stop, nbd)
     log.info("event=stopped")
     return 0
 
@@ -160,12 +165,12 @@ def _serve_nbd(settings, live, stack, log):
     return bound
 
 
-def _serve(settings, disks, pairs, identity, log, stop, nbd_port) -> None:
+def _serve(settings, disks, pairs, cuts, identity, log, stop, nbd_port) -> None:
     server = None
     if settings["control_listen"]:
 
         def add(srv):
-            control_pb2_grpc.add_ControlServicer_to_server(SourceControlService(pairs), srv)
+            control_pb2_grpc.add_ControlServicer_to_server(SourceControlService(pairs, cuts), srv)
 
         server, port, _ = create_server(settings["control_listen"], identity, add)
         log.info("event=listening port=%d", port)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from replication import metrics
 from replication.disks import open_disk
 from replication.epochs import LiveDisk
-from replication.errors import PairBusyError, ReplicationError, UnknownDiskError
+from replication.errors import PairBusyError, ReplicationError, TagFailedError, UnknownDiskError
 
 from .client import PairOptions, plan_by_hash_compare
 
@@ -62,6 +62,8 @@ class _Pair:
     status: PairState
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    # tagged cuts asked for and not made yet: (tag, set once the cut is made)
+    tags: list[tuple[dict, threading.Event]] = field(default_factory=list)
 
 
 #: replicate(disk, volume, options, plan=None) -> finished session; the agent binds the rest
@@ -135,6 +137,33 @@ class PairTable:
         for disk in disks:
             self.stop(disk, timeout)
 
+    def tracked_disks(self) -> list[str]:
+        return list(self._live)
+
+    def live(self, disk: str) -> LiveDisk:
+        if disk not in self._disks:
+            raise UnknownDiskError(f"disk {disk!r} is not configured on this source agent")
+        if disk not in self._live:
+            raise TagFailedError(f"disk {disk!r} is not tracked: tagged cuts need --state-dir")
+        return self._live[disk]
+
+    def request_cut(self, disk: str, tag: dict) -> threading.Event:
+        """Ask the pair of ``disk`` for a tagged cut; the event is set once it is made."""
+        self.live(disk)
+        with self._lock:
+            pair = self._pairs.get(disk)
+            running = pair is not None and pair.thread is not None and pair.thread.is_alive()
+            if not running or pair.status.state != "protected":
+                state = pair.status.state if pair else "not started"
+                raise TagFailedError(
+                    f"disk {disk!r} is {state}: a tag needs a protected pair (its epochs "
+                    "are consistent)"
+                )
+            done = threading.Event()
+            pair.tags.append((tag, done))
+        self._live[disk].wake()
+        return done
+
     def states(self) -> list[PairState]:
         with self._lock:
             return [replace(p.status) for p in self._pairs.values()]
@@ -196,16 +225,21 @@ class PairTable:
     def _ship_epoch(self, pair: _Pair, live: LiveDisk) -> None:
         """Cut one epoch, send its blocks and its end marker; commit once PERSISTED."""
         status = pair.status
+        with self._lock:
+            tag, cut_made = pair.tags.pop(0) if pair.tags else (None, None)
         epoch, reader, oldest = live.cut()
+        if cut_made is not None:
+            cut_made.set()
         log.info(
-            "event=epoch disk=%s number=%d full_resync=%s blocks=%d",
+            "event=epoch disk=%s number=%d full_resync=%s blocks=%d tag=%s",
             status.disk,
             epoch.number,
             epoch.full_resync,
             epoch.count(),
+            tag["name"] if tag else "",
         )
         try:
-            record = epoch_marker(epoch.number, not epoch.full_resync, oldest, None)
+            record = epoch_marker(epoch.number, not epoch.full_resync, oldest, tag)
             if epoch.full_resync:
                 status.state = "resyncing"
                 disk, plan = live, _resync_plan(record, live.disk)

@@ -17,6 +17,7 @@ from replication.server import abort_with
 from replication.v1 import control_pb2_grpc
 
 from .pairs import PairState, PairTable
+from .tags import CutCoordinator
 
 ROLE = "source"
 
@@ -38,8 +39,9 @@ def pair_info(p: PairState) -> wire.PairInfo:
 class SourceControlService(control_pb2_grpc.ControlServicer):
     """Control service of a source agent."""
 
-    def __init__(self, pairs: PairTable) -> None:
+    def __init__(self, pairs: PairTable, cuts: CutCoordinator) -> None:
         self._pairs = pairs
+        self._cuts = cuts
         self._started = time.monotonic()
 
     def Status(self, request, context):
@@ -71,6 +73,29 @@ class SourceControlService(control_pb2_grpc.ControlServicer):
         except ReplicationError as err:
             abort_with(context, err)
         return wire.pair_to_pb(pair_info(state))
+
+    def Tag(self, request, context):
+        return self._cut(context, self._cuts.tag, request)
+
+    def PrepareCut(self, request, context):
+        return self._cut(context, self._cuts.prepare, request)
+
+    def CommitCut(self, request, context):
+        return self._cut(context, self._cuts.commit, request)
+
+    def _cut(self, context, step, request):
+        tls.require_role(context, "orchestrator")
+        try:
+            disks, held = step(wire.tag_from_pb(request))
+        except ReplicationError as err:
+            abort_with(context, err)
+        return wire.tag_reply_to_pb(disks, held)
+
+    def ListPoints(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "recovery points are kept by a master target")
+
+    def ProduceDisk(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "disks are produced by a master target")
 
     def ListVolumes(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "volumes are listed by a master target")

@@ -98,6 +98,10 @@ def _source_agent(sub) -> None:
         "--nbd-listen",
         help="HOST:PORT of an NBD front end serving each disk by name (needs --state-dir)",
     )
+    p.add_argument(
+        "--pre-hook", help="command run before an app-consistent tag (e.g. 'fsfreeze -f /data')"
+    )
+    p.add_argument("--post-hook", help="command run after an app-consistent tag's cut")
     p.add_argument("--block-size", type=parse_size, help="default 64K")
     p.add_argument("--deadline", type=float, help="give up after this many seconds")
     p.add_argument("--passphrase-file", type=Path, help="frame key (default TLS_DIR/passphrase)")

@@ -24,6 +24,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("volume")
     v = _verb(verbs, "stop-pair", "stop a pair once what it sent is PERSISTED", _stop)
     v.add_argument("disk")
+    _tag_args(_verb(verbs, "tag", "a tagged cut on a source agent's disks", _tag))
+    v = _verb(verbs, "points", "recovery points of a master target's volume", _points)
+    v.add_argument("volume")
+    _produce_args(_verb(verbs, "produce", "a new VMDK of a volume at a point", _produce))
+    # the spelling of the same verbs, at the top level
+    _tag_args(_verb(sub, "tag", "a tagged cut on a source agent's disks (= agent tag)", _tag))
+    v = _verb(sub, "recovery-points", "recovery points of a volume (= agent points)", _points)
+    v.add_argument("volume")
+
+
+def _tag_args(v) -> None:
+    v.add_argument("--name", required=True, help="the tag's name")
+    v.add_argument(
+        "--app-consistent",
+        action="store_true",
+        help="run the agent's pre/post hooks around the cut (default: crash-consistent)",
+    )
+    v.add_argument("--group", default="", help="consistency group cut id")
+    v.add_argument("--disk", action="append", default=[], help="only these disks (repeatable)")
+
+
+def _produce_args(v) -> None:
+    v.add_argument("volume")
+    v.add_argument("--point", default="latest", help="latest, latest-app, latest-crash, an id...")
+    v.add_argument("--name", required=True, help="name of the new volume in the datastore")
+    v.add_argument("--subformat", default="monolithicSparse")
 
 
 def _verb(verbs, name: str, help_text: str, func):
@@ -94,3 +120,34 @@ def _stop(args: argparse.Namespace) -> int:
     with _client(args) as client:
         p = client.stop_pair(args.disk)
     return _emit(args, asdict(p), f"{p.disk} -> {p.volume}: {p.state}")
+
+
+def _tag(args: argparse.Namespace) -> int:
+    from ..wire import TagSpec
+
+    kind = "app" if args.app_consistent else "crash"
+    spec = TagSpec(kind, args.name, args.group, tuple(args.disk))
+    with _client(args) as client:
+        disks, held = client.tag(spec)
+    value = {"kind": kind, "name": args.name, "disks": disks, "held_seconds": held}
+    return _emit(args, value, f"{kind} tag {args.name!r} cut on {', '.join(disks)}")
+
+
+def _points(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    with _client(args) as client:
+        points = client.list_points(args.volume)
+    lines = [
+        f"{p.id}\t{dt.datetime.fromtimestamp(p.time, dt.UTC).isoformat()}\t{p.kind}\t"
+        f"{p.tag or '-'}\t{p.group or '-'}"
+        for p in points
+    ]
+    return _emit(args, [asdict(p) for p in points], "\n".join(lines) or "(no recovery points)")
+
+
+def _produce(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        volume, point = client.produce_disk(args.volume, args.point, args.name, args.subformat)
+    value = {"volume": asdict(volume), "point": asdict(point)}
+    return _emit(args, value, f"{volume.name}: {args.volume} at point {point.id} ({point.kind})")

@@ -25,31 +25,45 @@ _sym_db = _symbol_database.Default()
 from replication.v1 import common_pb2 as replication_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1creplication/v1/control.proto\x12\x0ereplication.v1\x1a\x1breplication/v1/common.proto\"\x0f\n\rStatusRequest\"\xdb\x01\n\x0b\x41gentStatus\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.replication.v1.Role\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x04\x12)\n\x05pairs\x18\x04 \x03(\x0b\x32\x1a.replication.v1.PairStatus\x12\'\n\x07volumes\x18\x05 \x03(\x0b\x32\x16.replication.v1.Volume\x12\x13\n\x0bspool_bytes\x18\x06 \x01(\x04\x12\x10\n\x08problems\x18\x07 \x03(\t\"\x14\n\x12ListVolumesRequest\">\n\x13ListVolumesResponse\x12\'\n\x07volumes\x18\x01 \x03(\x0b\x32\x16.replication.v1.Volume\"G\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x11\n\tsubformat\x18\x04 \x01(\t\"D\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x11\n\tsubformat\x18\x03 \x01(\t\"0\n\x10StartPairRequest\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\x12\x0e\n\x06volume\x18\x02 \x01(\t\"\x1f\n\x0fStopPairRequest\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\"\xad\x01\n\nPairStatus\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\x12\x0e\n\x06volume\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x04 \x01(\x04\x12\x13\n\x0b\x62locks_done\x18\x05 \x01(\x04\x12\x15\n\rpersisted_seq\x18\x06 \x01(\x04\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x13\n\x0brpo_seconds\x18\t \x01(\x01\x32\x88\x03\n\x07\x43ontrol\x12\x44\n\x06Status\x12\x1d.replication.v1.StatusRequest\x1a\x1b.replication.v1.AgentStatus\x12V\n\x0bListVolumes\x12\".replication.v1.ListVolumesRequest\x1a#.replication.v1.ListVolumesResponse\x12K\n\x0c\x43reateVolume\x12#.replication.v1.CreateVolumeRequest\x1a\x16.replication.v1.Volume\x12I\n\tStartPair\x12 .replication.v1.StartPairRequest\x1a\x1a.replication.v1.PairStatus\x12G\n\x08StopPair\x12\x1f.replication.v1.StopPairRequest\x1a\x1a.replication.v1.PairStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1creplication/v1/control.proto\x12\x0ereplication.v1\x1a\x1breplication/v1/common.proto\"_\n\nTagRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\r\n\x05\x64isks\x18\x04 \x03(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"/\n\x08TagReply\x12\r\n\x05\x64isks\x18\x01 \x03(\t\x12\x14\n\x0cheld_seconds\x18\x02 \x01(\x01\"#\n\x11ListPointsRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"j\n\rRecoveryPoint\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0b\n\x03tag\x18\x04 \x01(\t\x12\r\n\x05group\x18\x05 \x01(\t\x12\x15\n\rmanifest_root\x18\x06 \x01(\t\"C\n\x12ListPointsResponse\x12-\n\x06points\x18\x01 \x03(\x0b\x32\x1d.replication.v1.RecoveryPoint\"T\n\x12ProduceDiskRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\r\n\x05point\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tsubformat\x18\x04 \x01(\t\"d\n\x0cProducedDisk\x12&\n\x06volume\x18\x01 \x01(\x0b\x32\x16.replication.v1.Volume\x12,\n\x05point\x18\x02 \x01(\x0b\x32\x1d.replication.v1.RecoveryPoint\"\x0f\n\rStatusRequest\"\xdb\x01\n\x0b\x41gentStatus\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.replication.v1.Role\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x04\x12)\n\x05pairs\x18\x04 \x03(\x0b\x32\x1a.replication.v1.PairStatus\x12\'\n\x07volumes\x18\x05 \x03(\x0b\x32\x16.replication.v1.Volume\x12\x13\n\x0bspool_bytes\x18\x06 \x01(\x04\x12\x10\n\x08problems\x18\x07 \x03(\t\"\x14\n\x12ListVolumesRequest\">\n\x13ListVolumesResponse\x12\'\n\x07volumes\x18\x01 \x03(\x0b\x32\x16.replication.v1.Volume\"G\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x11\n\tsubformat\x18\x04 \x01(\t\"D\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x11\n\tsubformat\x18\x03 \x01(\t\"0\n\x10StartPairRequest\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\x12\x0e\n\x06volume\x18\x02 \x01(\t\"\x1f\n\x0fStopPairRequest\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\"\xad\x01\n\nPairStatus\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\x12\x0e\n\x06volume\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x04 \x01(\x04\x12\x13\n\x0b\x62locks_done\x18\x05 \x01(\x04\x12\x15\n\rpersisted_seq\x18\x06 \x01(\x04\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x13\n\x0brpo_seconds\x18\t \x01(\x01\x32\xf2\x05\n\x07\x43ontrol\x12\x44\n\x06Status\x12\x1d.replication.v1.StatusRequest\x1a\x1b.replication.v1.AgentStatus\x12V\n\x0bListVolumes\x12\".replication.v1.ListVolumesRequest\x1a#.replication.v1.ListVolumesResponse\x12K\n\x0c\x43reateVolume\x12#.replication.v1.CreateVolumeRequest\x1a\x16.replication.v1.Volume\x12I\n\tStartPair\x12 .replication.v1.StartPairRequest\x1a\x1a.replication.v1.PairStatus\x12G\n\x08StopPair\x12\x1f.replication.v1.StopPairRequest\x1a\x1a.replication.v1.PairStatus\x12;\n\x03Tag\x12\x1a.replication.v1.TagRequest\x1a\x18.replication.v1.TagReply\x12\x42\n\nPrepareCut\x12\x1a.replication.v1.TagRequest\x1a\x18.replication.v1.TagReply\x12\x41\n\tCommitCut\x12\x1a.replication.v1.TagRequest\x1a\x18.replication.v1.TagReply\x12S\n\nListPoints\x12!.replication.v1.ListPointsRequest\x1a\".replication.v1.ListPointsResponse\x12O\n\x0bProduceDisk\x12\".replication.v1.ProduceDiskRequest\x1a\x1c.replication.v1.ProducedDiskb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'replication.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATUSREQUEST']._serialized_start=77
-  _globals['_STATUSREQUEST']._serialized_end=92
-  _globals['_AGENTSTATUS']._serialized_start=95
-  _globals['_AGENTSTATUS']._serialized_end=314
-  _globals['_LISTVOLUMESREQUEST']._serialized_start=316
-  _globals['_LISTVOLUMESREQUEST']._serialized_end=336
-  _globals['_LISTVOLUMESRESPONSE']._serialized_start=338
-  _globals['_LISTVOLUMESRESPONSE']._serialized_end=400
-  _globals['_VOLUME']._serialized_start=402
-  _globals['_VOLUME']._serialized_end=473
-  _globals['_CREATEVOLUMEREQUEST']._serialized_start=475
-  _globals['_CREATEVOLUMEREQUEST']._serialized_end=543
-  _globals['_STARTPAIRREQUEST']._serialized_start=545
-  _globals['_STARTPAIRREQUEST']._serialized_end=593
-  _globals['_STOPPAIRREQUEST']._serialized_start=595
-  _globals['_STOPPAIRREQUEST']._serialized_end=626
-  _globals['_PAIRSTATUS']._serialized_start=629
-  _globals['_PAIRSTATUS']._serialized_end=802
-  _globals['_CONTROL']._serialized_start=805
-  _globals['_CONTROL']._serialized_end=1197
+  _globals['_TAGREQUEST']._serialized_start=77
+  _globals['_TAGREQUEST']._serialized_end=172
+  _globals['_TAGREPLY']._serialized_start=174
+  _globals['_TAGREPLY']._serialized_end=221
+  _globals['_LISTPOINTSREQUEST']._serialized_start=223
+  _globals['_LISTPOINTSREQUEST']._serialized_end=258
+  _globals['_RECOVERYPOINT']._serialized_start=260
+  _globals['_RECOVERYPOINT']._serialized_end=366
+  _globals['_LISTPOINTSRESPONSE']._serialized_start=368
+  _globals['_LISTPOINTSRESPONSE']._serialized_end=435
+  _globals['_PRODUCEDISKREQUEST']._serialized_start=437
+  _globals['_PRODUCEDISKREQUEST']._serialized_end=521
+  _globals['_PRODUCEDDISK']._serialized_start=523
+  _globals['_PRODUCEDDISK']._serialized_end=623
+  _globals['_STATUSREQUEST']._serialized_start=625
+  _globals['_STATUSREQUEST']._serialized_end=640
+  _globals['_AGENTSTATUS']._serialized_start=643
+  _globals['_AGENTSTATUS']._serialized_end=862
+  _globals['_LISTVOLUMESREQUEST']._serialized_start=864
+  _globals['_LISTVOLUMESREQUEST']._serialized_end=884
+  _globals['_LISTVOLUMESRESPONSE']._serialized_start=886
+  _globals['_LISTVOLUMESRESPONSE']._serialized_end=948
+  _globals['_VOLUME']._serialized_start=950
+  _globals['_VOLUME']._serialized_end=1021
+  _globals['_CREATEVOLUMEREQUEST']._serialized_start=1023
+  _globals['_CREATEVOLUMEREQUEST']._serialized_end=1091
+  _globals['_STARTPAIRREQUEST']._serialized_start=1093
+  _globals['_STARTPAIRREQUEST']._serialized_end=1141
+  _globals['_STOPPAIRREQUEST']._serialized_start=1143
+  _globals['_STOPPAIRREQUEST']._serialized_end=1174
+  _globals['_PAIRSTATUS']._serialized_start=1177
+  _globals['_PAIRSTATUS']._serialized_end=1350
+  _globals['_CONTROL']._serialized_start=1353
+  _globals['_CONTROL']._serialized_end=2107
 # @@protoc_insertion_point(module_scope)

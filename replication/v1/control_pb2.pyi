@@ -7,6 +7,76 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TagRequest(_message.Message):
+    __slots__ = ("kind", "name", "group", "disks", "timeout_seconds")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    DISKS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    group: str
+    disks: _containers.RepeatedScalarFieldContainer[str]
+    timeout_seconds: float
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., group: _Optional[str] = ..., disks: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class TagReply(_message.Message):
+    __slots__ = ("disks", "held_seconds")
+    DISKS_FIELD_NUMBER: _ClassVar[int]
+    HELD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    disks: _containers.RepeatedScalarFieldContainer[str]
+    held_seconds: float
+    def __init__(self, disks: _Optional[_Iterable[str]] = ..., held_seconds: _Optional[float] = ...) -> None: ...
+
+class ListPointsRequest(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    def __init__(self, volume: _Optional[str] = ...) -> None: ...
+
+class RecoveryPoint(_message.Message):
+    __slots__ = ("id", "time", "kind", "tag", "group", "manifest_root")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_ROOT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    time: float
+    kind: str
+    tag: str
+    group: str
+    manifest_root: str
+    def __init__(self, id: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., tag: _Optional[str] = ..., group: _Optional[str] = ..., manifest_root: _Optional[str] = ...) -> None: ...
+
+class ListPointsResponse(_message.Message):
+    __slots__ = ("points",)
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedCompositeFieldContainer[RecoveryPoint]
+    def __init__(self, points: _Optional[_Iterable[_Union[RecoveryPoint, _Mapping]]] = ...) -> None: ...
+
+class ProduceDiskRequest(_message.Message):
+    __slots__ = ("volume", "point", "name", "subformat")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    POINT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SUBFORMAT_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    point: str
+    name: str
+    subformat: str
+    def __init__(self, volume: _Optional[str] = ..., point: _Optional[str] = ..., name: _Optional[str] = ..., subformat: _Optional[str] = ...) -> None: ...
+
+class ProducedDisk(_message.Message):
+    __slots__ = ("volume", "point")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    POINT_FIELD_NUMBER: _ClassVar[int]
+    volume: Volume
+    point: RecoveryPoint
+    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ..., point: _Optional[_Union[RecoveryPoint, _Mapping]] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

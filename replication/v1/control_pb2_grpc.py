@@ -59,6 +59,31 @@ class ControlStub:
                 request_serializer=replication_dot_v1_dot_control__pb2.StopPairRequest.SerializeToString,
                 response_deserializer=replication_dot_v1_dot_control__pb2.PairStatus.FromString,
                 _registered_method=True)
+        self.Tag = channel.unary_unary(
+                '/replication.v1.Control/Tag',
+                request_serializer=replication_dot_v1_dot_control__pb2.TagRequest.SerializeToString,
+                response_deserializer=replication_dot_v1_dot_control__pb2.TagReply.FromString,
+                _registered_method=True)
+        self.PrepareCut = channel.unary_unary(
+                '/replication.v1.Control/PrepareCut',
+                request_serializer=replication_dot_v1_dot_control__pb2.TagRequest.SerializeToString,
+                response_deserializer=replication_dot_v1_dot_control__pb2.TagReply.FromString,
+                _registered_method=True)
+        self.CommitCut = channel.unary_unary(
+                '/replication.v1.Control/CommitCut',
+                request_serializer=replication_dot_v1_dot_control__pb2.TagRequest.SerializeToString,
+                response_deserializer=replication_dot_v1_dot_control__pb2.TagReply.FromString,
+                _registered_method=True)
+        self.ListPoints = channel.unary_unary(
+                '/replication.v1.Control/ListPoints',
+                request_serializer=replication_dot_v1_dot_control__pb2.ListPointsRequest.SerializeToString,
+                response_deserializer=replication_dot_v1_dot_control__pb2.ListPointsResponse.FromString,
+                _registered_method=True)
+        self.ProduceDisk = channel.unary_unary(
+                '/replication.v1.Control/ProduceDisk',
+                request_serializer=replication_dot_v1_dot_control__pb2.ProduceDiskRequest.SerializeToString,
+                response_deserializer=replication_dot_v1_dot_control__pb2.ProducedDisk.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -99,6 +124,43 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tag(self, request, context):
+        """Unary, orchestrator only (source agent, tracked disks). Returns once the tagged
+        epoch is cut on every disk (not once it is PERSISTED: watch the master target's
+        points for that).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrepareCut(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitCut(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPoints(self, request, context):
+        """Unary, read-only (master target only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProduceDisk(self, request, context):
+        """Unary, orchestrator only (master target only): write the volume as it was at a
+        recovery point into a new VMDK in the datastore, verified against the point's
+        manifest before the call returns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +188,31 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.StopPair,
                     request_deserializer=replication_dot_v1_dot_control__pb2.StopPairRequest.FromString,
                     response_serializer=replication_dot_v1_dot_control__pb2.PairStatus.SerializeToString,
+            ),
+            'Tag': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tag,
+                    request_deserializer=replication_dot_v1_dot_control__pb2.TagRequest.FromString,
+                    response_serializer=replication_dot_v1_dot_control__pb2.TagReply.SerializeToString,
+            ),
+            'PrepareCut': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareCut,
+                    request_deserializer=replication_dot_v1_dot_control__pb2.TagRequest.FromString,
+                    response_serializer=replication_dot_v1_dot_control__pb2.TagReply.SerializeToString,
+            ),
+            'CommitCut': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitCut,
+                    request_deserializer=replication_dot_v1_dot_control__pb2.TagRequest.FromString,
+                    response_serializer=replication_dot_v1_dot_control__pb2.TagReply.SerializeToString,
+            ),
+            'ListPoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPoints,
+                    request_deserializer=replication_dot_v1_dot_control__pb2.ListPointsRequest.FromString,
+                    response_serializer=replication_dot_v1_dot_control__pb2.ListPointsResponse.SerializeToString,
+            ),
+            'ProduceDisk': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProduceDisk,
+                    request_deserializer=replication_dot_v1_dot_control__pb2.ProduceDiskRequest.FromString,
+                    response_serializer=replication_dot_v1_dot_control__pb2.ProducedDisk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +350,141 @@ class Control:
             '/replication.v1.Control/StopPair',
             replication_dot_v1_dot_control__pb2.StopPairRequest.SerializeToString,
             replication_dot_v1_dot_control__pb2.PairStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/replication.v1.Control/Tag',
+            replication_dot_v1_dot_control__pb2.TagRequest.SerializeToString,
+            replication_dot_v1_dot_control__pb2.TagReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareCut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/replication.v1.Control/PrepareCut',
+            replication_dot_v1_dot_control__pb2.TagRequest.SerializeToString,
+            replication_dot_v1_dot_control__pb2.TagReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitCut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/replication.v1.Control/CommitCut',
+            replication_dot_v1_dot_control__pb2.TagRequest.SerializeToString,
+            replication_dot_v1_dot_control__pb2.TagReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/replication.v1.Control/ListPoints',
+            replication_dot_v1_dot_control__pb2.ListPointsRequest.SerializeToString,
+            replication_dot_v1_dot_control__pb2.ListPointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProduceDisk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/replication.v1.Control/ProduceDisk',
+            replication_dot_v1_dot_control__pb2.ProduceDiskRequest.SerializeToString,
+            replication_dot_v1_dot_control__pb2.ProducedDisk.FromString,
             options,
             channel_credentials,
             insecure,

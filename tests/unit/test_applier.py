@@ -19,11 +19,20 @@ from replication.errors import (
     OutOfRangeError,
     SessionNotOpenError,
     UnknownVolumeError,
+    VolumeDiskFullError,
 )
 from replication.frame import FrameEncoder
 from replication.hashmap import HashMap
 from replication.volumes import VolumeRegistry, volume_disk_id
-from tests.helpers import qemu_compare, realistic_bytes, require, run
+from tests.helpers import (
+    MiB,
+    fill_device,
+    mount_tmpfs,
+    qemu_compare,
+    realistic_bytes,
+    require,
+    run,
+)
 
 SECRET = b"s" * 32
 BS = 65536
@@ -329,3 +338,66 @@ def test_hash_map_bounds(applier):
     assert list(applier.hash_map_chunks("raw1", BS, 0)) == [(0, b"", SIZE, 0)]
     with pytest.raises(DiskSizeMismatchError):
         list(applier.hash_map_chunks("raw1", BS, SIZE + 1))
+
+
+# --- a full device: typed, retryable, nothing recorded that is not on disk ---------------
+
+
+def test_a_full_volume_device_is_retryable_and_records_nothing_unwritten(tmp_path):
+    require("qemu-img")
+    with mount_tmpfs(tmp_path / "fs", 3 * MiB) as fs:
+        store = fs / "store"
+        store.mkdir()
+        registry = VolumeRegistry({}, store)
+        registry.create("vm1", SIZE)
+        enc = encoder("vm1")
+        writes = [(i * BS, os.urandom(BS)) for i in range(SIZE // BS)]
+        frames = frames_for(enc, writes)
+        with Applier(registry, tmp_path / "state.db", SECRET) as applier:
+            applier.open_session("vm1", enc.session_salt, BS, SIZE)
+            for seq in (1, 2):
+                applier.apply("vm1", enc.session_salt, seq, frames[seq - 1])
+            assert applier.commit() == {("vm1", enc.session_salt): 2}
+            filler = fill_device(fs, leave=4 * BS)
+            with pytest.raises(VolumeDiskFullError) as info:
+                for seq in range(3, len(frames) + 1):
+                    applier.apply("vm1", enc.session_salt, seq, frames[seq - 1])
+                applier.commit()
+            assert info.value.retryable and "vm1" in str(info.value)
+            # PERSISTED stays where the disk is; the failed frames are expected again
+            assert applier.session_state("vm1", enc.session_salt) == 2
+            with pytest.raises(FrameGapError):
+                applier.apply("vm1", enc.session_salt, 5, frames[4])
+            assert run("qemu-img", "check", registry.path("vm1"), check=False).returncode == 0
+            filler.unlink()  # space comes back: the same frames go through
+            for seq in range(3, len(frames) + 1):
+                assert applier.apply("vm1", enc.session_salt, seq, frames[seq - 1]).applied
+            assert applier.commit() == {("vm1", enc.session_salt): len(frames)}
+        assert read_volume(registry, "vm1") == expected_image(writes)
+        assert run("qemu-img", "check", registry.path("vm1"), check=False).returncode == 0
+
+
+def test_a_full_state_device_is_retryable_and_the_state_stays_behind_the_disk(tmp_path, registry):
+    enc = encoder("raw1")
+    frames = frames_for(enc, [(0, b"A" * BS), (BS, b"B" * BS)])
+    with mount_tmpfs(tmp_path / "fs", 1 * MiB) as fs:
+        with Applier(registry, fs / "state.db", SECRET) as applier:
+            applier.open_session("raw1", enc.session_salt, BS, SIZE)
+            applier.apply("raw1", enc.session_salt, 1, frames[0])
+            assert applier.commit() == {("raw1", enc.session_salt): 1}
+            filler = fill_device(fs, leave=0)
+            applier.apply("raw1", enc.session_salt, 2, frames[1])
+            with pytest.raises(VolumeDiskFullError) as info:
+                applier.commit()  # the volume is flushed; recording it fails
+            assert info.value.retryable
+            assert applier.session_state("raw1", enc.session_salt) == 1
+            filler.unlink()
+            # the resend is recognised (same tag), not applied twice, then recorded
+            assert applier.apply("raw1", enc.session_salt, 2, frames[1]).status == DUPLICATE
+            assert applier.commit() == {("raw1", enc.session_salt): 2}
+        db = sqlite3.connect(fs / "state.db")
+        try:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            assert db.execute("SELECT persisted_seq FROM sessions").fetchall() == [(2,)]
+        finally:
+            db.close()

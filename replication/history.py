@@ -1,0 +1,196 @@
+"""Recovery history of one master-target volume: undo journal, manifests, points.
+
+Theory of operation
+-------------------
+The applier calls, for every data frame, :meth:`VolumeHistory.before_write` (the
+old bytes go to the undo journal, rule J1 of docs/journal.md: fsynced before the
+volume write is issued) and :meth:`after_write` (the live block digests follow the
+write). A session shipped by a tracked source ends with an epoch-end marker
+(docs/protocol.md, "Marker frames"); once the applier has flushed everything before
+it, :meth:`on_epoch_end` learns whether the volume now equals the source at a cut
+(``consistent``) and, if so, records a recovery point: at once for a tag
+(app-consistent, or a named crash-consistent cut of a group), else a
+crash-consistent point when the last one is older than ``crash_interval``. A volume
+that is mid-epoch, or was last brought level by a hash-compare resync, gets no
+point: the last good one stays usable.
+
+Each point stores its manifest (per-block XXH3-128 digests and a SHA-256 Merkle
+root, incrementally: :mod:`replication.manifest`), so a produced disk is verified
+against the digests of its point before it is handed out. Time comes from an
+injectable clock (tests jump it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .disks.base import Disk
+from .errors import ManifestError, RemoteProtocolError, VerifyMismatchError
+from .hashmap import HashMap
+from .journal import Journal, PointInfo
+from .manifest import DigestTracker, ManifestStore
+
+__all__ = ["HistoryPolicy", "VolumeHistory", "parse_marker"]
+
+log = logging.getLogger(__name__)
+
+#: largest marker record accepted (a hostile one must not cost memory)
+MAX_MARKER = 64 << 10
+
+
+@dataclass(frozen=True)
+class HistoryPolicy:
+    """Retention and point schedule (the scenario's failback policy by default)."""
+
+    retention_seconds: float = 24 * 3600.0
+    retention_bytes: int = 64 << 30
+    crash_interval: float = 300.0
+
+
+def parse_marker(data: bytes) -> dict:
+    """Decode an epoch-end marker record; a malformed one is a protocol error."""
+    if len(data) > MAX_MARKER:
+        raise RemoteProtocolError(f"marker record of {len(data)} bytes (max {MAX_MARKER})")
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RemoteProtocolError(f"marker record is not JSON: {err}") from None
+    if not isinstance(record, dict) or record.get("type") != "epoch-end":
+        raise RemoteProtocolError("marker record is not an epoch-end record")
+    tag = record.get("tag")
+    if tag is not None and not (isinstance(tag, dict) and tag.get("kind") in ("app", "crash")):
+        raise RemoteProtocolError("marker tag must have kind 'app' or 'crash'")
+    return record
+
+
+class VolumeHistory:
+    """The undo journal, manifest store and recovery points of one volume."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        volume: str,
+        disk: Disk,
+        block_size: int,
+        policy: HistoryPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.volume = volume
+        self.block_size = block_size
+        self.policy = policy or HistoryPolicy()
+        self._clock = clock
+        root = Path(directory)
+        self.journal = Journal.open(
+            root,
+            volume=volume,
+            retention_bytes=self.policy.retention_bytes,
+            retention_seconds=self.policy.retention_seconds,
+            clock=clock,
+        )
+        self.store = ManifestStore(root / "manifests")
+        self._digests = DigestTracker(self._initial_map(disk))
+        # unknown after a restart: no point until a consistent epoch ends
+        self.consistent = False
+        crash = [p for p in self.journal.points() if p.kind == "crash"]
+        self._last_crash = crash[-1].time if crash else float("-inf")
+
+    def _initial_map(self, disk: Disk) -> HashMap:
+        """The live digests: hashed from the volume once when the history opens."""
+        return HashMap.compute(disk, self.block_size)
+
+    # --- the write path ---------------------------------------------------------------
+
+    def before_write(self, disk: Disk, offset: int, length: int) -> None:
+        """Journal the bytes a write will overwrite, durably (before it is issued)."""
+        self.consistent = False  # mid-epoch from now until the epoch's marker
+        if self.journal.preserve(disk, offset, length):
+            self.journal.sync()
+
+    def after_write(self, offset: int, data: bytes, read: Callable[[int, int], bytes]) -> None:
+        self._digests.note_write(offset, data, read)
+
+    # --- epochs and points ------------------------------------------------------------
+
+    def on_epoch_end(self, record: dict) -> PointInfo | None:
+        """The volume is flushed at an epoch boundary: record a point if one is due."""
+        self.consistent = bool(record.get("consistent"))
+        if not self.consistent:
+            log.info("event=no_point volume=%s reason=resync_epoch", self.volume)
+            return None
+        tag = record.get("tag")
+        if tag:
+            return self.add_point(
+                str(tag["kind"]), tag=str(tag.get("name", "")), group=str(tag.get("group", ""))
+            )
+        if self._clock() - self._last_crash >= self.policy.crash_interval:
+            return self.add_point("crash")
+        return None
+
+    def add_point(self, kind: str, *, tag: str = "", group: str = "") -> PointInfo:
+        """Record a point of the volume as it is now (flushed, at an epoch boundary)."""
+        points = self.journal.points()
+        parent = points[-1].manifest_root if points else None
+        if parent is not None and not self.store.exists(parent):
+            parent = None
+        root = self.store.commit(
+            self._digests.digests,
+            self.block_size,
+            self._digests.hmap.covered_size,
+            parent=parent,
+            changed_groups=self._digests.take_changed_groups() if parent else None,
+        )
+        point = self.journal.add_point(kind, manifest_root=root, tag=tag, group=group)
+        if kind == "crash":
+            self._last_crash = point.time
+        self._prune()
+        log.info(
+            "event=recovery_point volume=%s id=%d kind=%s tag=%s group=%s root=%s",
+            self.volume,
+            point.id,
+            kind,
+            tag,
+            group,
+            root[:16],
+        )
+        return point
+
+    def _prune(self) -> None:
+        self.journal.prune()
+        self.store.gc(p.manifest_root for p in self.journal.points())
+
+    def points(self) -> list[PointInfo]:
+        return self.journal.points()
+
+    def find(self, spec: str) -> PointInfo:
+        return self.journal.find(spec)
+
+    # --- producing and verifying --------------------------------------------------------
+
+    def produce(self, spec: str, live: Disk, out: Disk) -> PointInfo:
+        """Write the volume at point ``spec`` into ``out`` and verify it against the point."""
+        point = self.journal.find(spec)
+        self.journal.restore_into(point, live, out)
+        self.verify(out, point)
+        return point
+
+    def verify(self, disk: Disk, point: PointInfo) -> None:
+        """Raise VerifyMismatchError unless ``disk`` equals ``point`` block for block."""
+        try:
+            differing = self.store.verify_disk(disk, point.manifest_root)
+        except ManifestError:
+            raise
+        if differing:
+            first, count = differing[0]
+            raise VerifyMismatchError(
+                f"disk differs from point {point.id} of {self.volume!r} in {len(differing)} "
+                f"range(s), the first at block {first} ({count} blocks)"
+            )
+
+    def close(self) -> None:
+        self.journal.close()
