@@ -65,13 +65,13 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .blocks import block_count, check_block_size
+from .blocks import DEFAULT_BLOCK_SIZE, block_count, check_block_size
 from .disks import Disk, open_disk
 from .errors import (
     DiskFullError,
@@ -82,12 +82,15 @@ from .errors import (
     FrameReplayError,
     FrameSequenceError,
     OutOfRangeError,
+    PointNotFoundError,
     SessionNotOpenError,
     UsageError,
     VolumeDiskFullError,
 )
 from .frame import TAG_SIZE, DecodedFrame, FrameDecoder, peek_header
 from .hashmap import HashMap
+from .history import HistoryPolicy, VolumeHistory, parse_marker
+from .journal import PointInfo
 from .keys import SALT_SIZE
 from .volumes import VolumeRegistry, volume_disk_id
 
@@ -256,16 +259,30 @@ class Applier:
     Not thread-safe: the master target runs one applier in one thread.
     """
 
-    def __init__(self, registry: VolumeRegistry, state_db_path: str | Path, secret: bytes) -> None:
+    def __init__(
+        self,
+        registry: VolumeRegistry,
+        state_db_path: str | Path,
+        secret: bytes,
+        *,
+        history_dir: str | Path | None = None,
+        policy: HistoryPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.registry = registry
+        # with a history directory every volume keeps an undo journal and points
+        self._history_dir = Path(history_dir) if history_dir is not None else None
+        self._policy = policy or HistoryPolicy()
+        self._clock = clock
+        self._histories: dict[str, VolumeHistory] = {}
         self._decoder = FrameDecoder(secret)
         self._state = ApplyState(state_db_path)
         self._disks: dict[str, Disk] = {}
         self._sessions: dict[SessionKey, _Session] = {}
         self._touched: set[str] = set()  # volumes written since the last commit
-        # epoch-end markers applied since the last commit: (volume, session, seq, record);
-        # the recovery-point keeper takes them once the commit made them durable
-        self.markers: list[tuple[str, bytes, int, bytes]] = []
+        # epoch-end markers applied since the last commit: (volume, block size, record);
+        # their points are made once the commit flushed the volume (design.md E5)
+        self.markers: list[tuple[str, int, dict]] = []
 
     # -- sessions -------------------------------------------------------------------
 
@@ -338,10 +355,10 @@ class Applier:
                 f"frame seq {seq} on {volume!r}: expected {state.applied_seq + 1}",
                 hint=f"resume from persisted seq {state.persisted_seq} + 1",
             )
-        if frame.marker:
-            self.markers.append((volume, bytes(session), seq, frame.data))  # never written
+        if frame.marker:  # never written: a boundary for the recovery history
+            self.markers.append((volume, state.block_size, parse_marker(frame.data)))
         else:
-            self._write(volume, frame)
+            self._write(volume, frame, state.block_size)
         state.applied_seq = seq
         state.pending[seq] = tag
         self._touched.add(volume)
@@ -375,7 +392,7 @@ class Applier:
             )
         return ApplyResult(seq, DUPLICATE, state.persisted_seq)
 
-    def _write(self, volume: str, frame: DecodedFrame) -> None:
+    def _write(self, volume: str, frame: DecodedFrame, block_size: int) -> None:
         disk = self._disk(volume)
         length = len(frame.data)
         if frame.offset + length > disk.virtual_size:
@@ -383,11 +400,59 @@ class Applier:
                 f"frame seq {frame.seq} writes [{frame.offset}, {frame.offset + length}) "
                 f"past the end of volume {volume!r} ({disk.virtual_size} bytes)"
             )
+        history = self._history(volume, block_size)
         with self._volume_errors(volume, "write"):
+            if history is not None:  # undo first, durably (design.md E6)
+                history.before_write(disk, frame.offset, length)
             if not np.frombuffer(frame.data, dtype=np.uint8).any():
                 disk.write_zeroes(frame.offset, length)  # sparse volumes stay sparse
             else:
                 disk.write(frame.offset, frame.data)
+            if history is not None:
+                history.after_write(frame.offset, frame.data, disk.read)
+
+    # -- recovery history -----------------------------------------------------------
+
+    def _history(self, volume: str, block_size: int) -> VolumeHistory | None:
+        if self._history_dir is None:
+            return None
+        history = self._histories.get(volume)
+        if history is None:
+            history = VolumeHistory(
+                self._history_dir / volume,
+                volume,
+                self._disk(volume),
+                block_size,
+                self._policy,
+                clock=self._clock,
+            )
+            self._histories[volume] = history
+        return history
+
+    def _record_points(self) -> None:
+        """Points for the markers of this commit: the volumes are flushed up to them."""
+        markers, self.markers = self.markers, []
+        for volume, block_size, record in markers:
+            history = self._history(volume, block_size)
+            if history is not None:
+                history.on_epoch_end(record)
+
+    def points(self, volume: str) -> list[PointInfo]:
+        """The recovery points of ``volume`` (none without a history directory)."""
+        self.registry.get(volume)  # UnknownVolumeError for a name never registered
+        if self._history_dir is None or not (self._history_dir / volume).exists():
+            return []
+        return self._history(volume, DEFAULT_BLOCK_SIZE).points()
+
+    def produce(self, volume: str, spec: str, out: Disk) -> PointInfo:
+        """Write ``volume`` as it was at point ``spec`` into ``out``, verified."""
+        self.registry.get(volume)
+        history = None
+        if self._history_dir is not None and (self._history_dir / volume).exists():
+            history = self._history(volume, DEFAULT_BLOCK_SIZE)
+        if history is None:
+            raise PointNotFoundError(f"volume {volume!r} has no recovery points")
+        return history.produce(spec, self._disk(volume), out)
 
     # -- durability -----------------------------------------------------------------
 
@@ -400,6 +465,8 @@ class Applier:
         for volume in sorted(self._touched):
             with self._volume_errors(volume, "flush"):
                 self._disks[volume].flush()
+        # before recording: a crash in between resends the marker, and the point is made
+        self._record_points()
         progress = [s for s in self._sessions.values() if s.applied_seq > s.persisted_seq]
         if not progress:
             return {}
@@ -498,6 +565,9 @@ class Applier:
 
     def close(self) -> None:
         """Close volumes and the state database WITHOUT committing (like a crash would)."""
+        for history in self._histories.values():
+            history.close()
+        self._histories.clear()
         for disk in self._disks.values():
             disk.close()
         self._disks.clear()

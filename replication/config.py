@@ -37,7 +37,7 @@ from typing import Any
 from .errors import ConfigError
 from .keys import load_secret
 
-__all__ = ["load_config", "load_passphrase", "merge", "parse_assignments"]
+__all__ = ["load_config", "load_passphrase", "merge", "parse_assignments", "parse_duration"]
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +160,27 @@ def parse_assignments(items: list[str] | None, flag: str) -> list[tuple[str, str
             raise UsageError(f"{flag} {item!r}: expected NAME=PATH")
         pairs.append((name, path))
     return pairs
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Parse ``300``, ``90s``, ``5m``, ``24h`` or ``7d`` into seconds (a UsageError if bad)."""
+    from .errors import UsageError
+
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        unit = _DURATION_UNITS.get(text[-1:])
+        number = text[:-1] if unit is not None else text
+        try:
+            seconds = float(number) * (unit or 1.0)
+        except ValueError:
+            raise UsageError(
+                f"cannot read duration {value!r}: use e.g. 300, 90s, 5m, 24h"
+            ) from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise UsageError(f"duration {value!r} must be a finite number of seconds >= 0")
+    return seconds

@@ -8,7 +8,8 @@ from typing import Any
 
 from replication.applier import Applier
 from replication.certs import load_identity
-from replication.config import load_passphrase, parse_assignments
+from replication.config import load_passphrase, parse_assignments, parse_duration
+from replication.history import HistoryPolicy
 from replication.logs import setup_logging
 from replication.server import create_server, start_metrics, wait_for_signal
 from replication.v1 import control_pb2_grpc, data_pb2_grpc
@@ -25,6 +26,9 @@ DEFAULTS: dict[str, Any] = {
     "passphrase_file": None,
     "volume": [],
     "metrics_listen": None,
+    "retention": 24 * 3600.0,
+    "retention_bytes": 64 << 30,
+    "crash_interval": 300.0,
 }
 
 
@@ -40,12 +44,25 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
     registry = VolumeRegistry(
         dict(parse_assignments(settings["volume"], "--volume")), settings["datastore"]
     )
-    applier = Applier(registry, data_dir / "apply-state.sqlite", secret)
+    policy = HistoryPolicy(
+        retention_seconds=parse_duration(settings["retention"]),
+        retention_bytes=int(settings["retention_bytes"]),
+        crash_interval=parse_duration(settings["crash_interval"]),
+    )
+    applier = Applier(
+        registry,
+        data_dir / "apply-state.sqlite",
+        secret,
+        history_dir=data_dir / "history",
+        policy=policy,
+    )
     lock = threading.Lock()
 
     def add(server):
         data_pb2_grpc.add_MasterTargetServicer_to_server(MasterTargetService(applier, lock), server)
-        control_pb2_grpc.add_ControlServicer_to_server(ControlService(registry, lock), server)
+        control_pb2_grpc.add_ControlServicer_to_server(
+            ControlService(registry, applier, lock), server
+        )
 
     server, port, _ = create_server(settings["listen"], identity, add)
     metrics = start_metrics(settings["metrics_listen"])

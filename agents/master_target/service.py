@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import grpc
 
 from replication import metrics, tls, wire
+from replication.disks import open_disk
 from replication.errors import RemoteProtocolError, ReplicationError
 from replication.protocol import AckLevel, Hello
 from replication.server import abort_with, answer_handshake
@@ -96,8 +97,9 @@ class MasterTargetService(data_pb2_grpc.MasterTargetServicer):
 class ControlService(control_pb2_grpc.ControlServicer):
     """Control service of a master target: status and volumes."""
 
-    def __init__(self, registry, lock: threading.Lock) -> None:
+    def __init__(self, registry, applier, lock: threading.Lock) -> None:
         self._registry = registry
+        self._applier = applier
         self._lock = lock
         self._started = time.monotonic()
 
@@ -127,6 +129,35 @@ class ControlService(control_pb2_grpc.ControlServicer):
             abort_with(context, err)
         return _volume_pb(info)
 
+    def ListPoints(self, request, context):
+        tls.require_role(context, "orchestrator", "process-server", "source")
+        try:
+            with self._lock:
+                points = self._applier.points(request.volume)
+        except ReplicationError as err:
+            abort_with(context, err)
+        return wire.points_to_pb([_point_msg(p) for p in points])
+
+    def ProduceDisk(self, request, context):
+        tls.require_role(context, "orchestrator")
+        try:
+            with self._lock:  # nothing is applied to the volume while it is copied
+                point, info = self._produce(request)
+        except ReplicationError as err:
+            abort_with(context, err)
+        return wire.produced_to_pb(
+            wire.VolumeInfo(info.name, info.size, info.format, info.subformat), _point_msg(point)
+        )
+
+    def _produce(self, request):
+        source = self._registry.get(request.volume)
+        info = self._registry.create(
+            request.name, source.size, request.subformat or "monolithicSparse"
+        )
+        with open_disk(self._registry.path(info.name), writable=True) as out:
+            point = self._applier.produce(request.volume, request.point or "latest", out)
+        return point, info
+
     def StartPair(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "pairs are started on a source agent")
 
@@ -136,3 +167,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
 def _volume_pb(info):
     return wire.volume_to_pb(info.name, info.size, info.format, info.subformat)
+
+
+def _point_msg(p) -> wire.PointMsg:
+    return wire.PointMsg(p.id, p.time, p.kind, p.tag, p.group, p.manifest_root)

@@ -39,6 +39,13 @@ def _master_target(sub) -> None:
         "--volume", action="append", metavar="NAME=PATH", help="register a volume (repeatable)"
     )
     p.add_argument("--passphrase-file", type=Path, help="frame key (default TLS_DIR/passphrase)")
+    p.add_argument("--retention", help="how far back recovery points reach (default 24h)")
+    p.add_argument(
+        "--retention-bytes", type=parse_size, help="journal size bound per volume (default 64G)"
+    )
+    p.add_argument(
+        "--crash-interval", help="time between crash-consistent points (default 5m; e.g. 10s)"
+    )
     p.set_defaults(func=_run_master_target)
 
 

@@ -114,3 +114,21 @@ def test_certs_init_passphrase_loads(tmp_path: Path):
 
     certs.init_tls_dir(tmp_path / "pki", ["a"], days=1)
     assert len(config.load_passphrase(tmp_path / "pki" / "passphrase")) == 32
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("300", 300.0), ("90s", 90.0), ("5m", 300.0), ("24h", 86400.0), (7, 7.0)]
+)
+def test_durations_are_parsed(text, seconds):
+    from replication.config import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-5m", "inf", "nan", ""])
+def test_bad_durations_are_usage_errors(text):
+    from replication.config import parse_duration
+    from replication.errors import UsageError
+
+    with pytest.raises(UsageError):
+        parse_duration(text)
