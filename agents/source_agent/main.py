@@ -21,7 +21,7 @@ from typing import Any
 
 from replication.blocks import DEFAULT_BLOCK_SIZE
 from replication.certs import load_identity
-from replication.config import load_passphrase, parse_assignments
+from replication.config import load_passphrase, parse_assignments, parse_duration
 from replication.disks import open_disk
 from replication.epochs import LiveDisk
 from replication.errors import UsageError
@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "nbd_listen": None,
     "pre_hook": None,
     "post_hook": None,
+    "app_interval": "1h",
 }
 
 
@@ -125,6 +126,11 @@ def _run_daemon(settings, disks, replicate, options, identity, log, stop) -> int
         stack.callback(pairs.stop_all)  # before the disks close (callbacks run in reverse)
         cuts = CutCoordinator(pairs, pre_hook=settings["pre_hook"], post_hook=settings["post_hook"])
         stack.callback(cuts.release_all)  # no writer left held at exit
+        if settings["pre_hook"] and live:
+            # app-consistent points need the application quiesced: only with a hook
+            stop_tags = threading.Event()
+            cuts.schedule_app_tags(parse_duration(settings["app_interval"]), stop_tags)
+            stack.callback(stop_tags.set)
         _serve(settings, disks, pairs, cuts, identity, log, stop, nbd)
     log.info("event=stopped")
     return 0

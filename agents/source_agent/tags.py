@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from replication import wire
-from replication.errors import TagFailedError, UsageError
+from replication.errors import ReplicationError, TagFailedError, UsageError
 
 from .pairs import PairTable
 
@@ -128,6 +128,23 @@ class CutCoordinator:
             log.warning("event=cut_expired name=%s held=%.1f: writes released, no cut", key, held)
             if prepared.spec.kind == "app":
                 self._run_hook(self._post, "post", prepared.spec, prepared.disks, quiet=True)
+
+    def schedule_app_tags(self, interval: float, stop: threading.Event) -> threading.Thread:
+        """Tag every tracked disk app-consistent every ``interval`` seconds (the scenario's
+        policy: hourly), with the hooks; a failed tag is logged and retried next time."""
+
+        def loop() -> None:
+            n = 0
+            while not stop.wait(interval):
+                n += 1
+                try:
+                    self.tag(wire.TagSpec("app", f"scheduled-{int(time.time())}-{n}"))
+                except ReplicationError as err:
+                    log.warning("event=scheduled_tag_failed code=%s error=%s", err.code, err)
+
+        thread = threading.Thread(target=loop, name="app-tags", daemon=True)
+        thread.start()
+        return thread
 
     def release_all(self) -> None:
         with self._lock:

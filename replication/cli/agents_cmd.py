@@ -109,6 +109,11 @@ def _source_agent(sub) -> None:
         "--pre-hook", help="command run before an app-consistent tag (e.g. 'fsfreeze -f /data')"
     )
     p.add_argument("--post-hook", help="command run after an app-consistent tag's cut")
+    p.add_argument(
+        "--app-interval",
+        help="app-consistent tags of every tracked disk this often, with the hooks (default 1h;"
+        " only when --pre-hook is set)",
+    )
     p.add_argument("--block-size", type=parse_size, help="default 64K")
     p.add_argument("--deadline", type=float, help="give up after this many seconds")
     p.add_argument("--passphrase-file", type=Path, help="frame key (default TLS_DIR/passphrase)")

@@ -85,9 +85,9 @@ def _status(args: argparse.Namespace) -> int:
         info = client.status()
     lines = [f"{info.role} {info.agent_version}, up {info.uptime_seconds} s"]
     lines += [
-        f"  pair {p.disk} -> {p.volume}: {p.state} "
-        f"({p.blocks_done}/{p.blocks_total} blocks, seq {p.persisted_seq})"
-        + (f" error: {p.error}" if p.error else "")
+        f"  pair {p.disk} -> {p.volume}: {p.state} [{p.mode or '-'}] "
+        f"({p.blocks_done}/{p.blocks_total} blocks, seq {p.persisted_seq}, "
+        f"RPO {p.rpo_seconds:.2f} s)" + (f" error: {p.error}" if p.error else "")
         for p in info.pairs
     ]
     lines += [f"  volume {v.name}: {v.size} bytes {v.format}/{v.subformat}" for v in info.volumes]

@@ -42,10 +42,12 @@ def replication(*args: str) -> list[str]:
 def start(args: list[str], log: Path, timeout: float = 30.0) -> Agent:
     """Start an agent; wait (bounded) for its 'listening' line; return it."""
     out = open(log, "ab")  # noqa: SIM115 - the child keeps writing after we return
+    # a restart appends to the same log: only this process's lines count
+    start_at = log.stat().st_size if log.exists() else 0
     proc = subprocess.Popen(args, stdout=out, stderr=out)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = LISTENING.search(log.read_text(errors="replace"))
+        m = LISTENING.search(log.read_bytes()[start_at:].decode(errors="replace"))
         if m:
             return Agent(proc, int(m.group(1)), log, args)
         if proc.poll() is not None:

@@ -16,6 +16,8 @@ import pytest
 
 from replication.certs import load_identity
 from replication.control import ControlClient
+from replication.errors import TagFailedError
+from replication.wire import TagSpec
 from tests.e2e import test_source_daemon as daemon
 from tests.e2e.agents import replication, start
 from tests.e2e.test_source_daemon import pair_of, wait_for
@@ -27,7 +29,9 @@ SIZE = 32 << 20
 relay = daemon.relay  # the same master target + process server fixture
 
 
-def start_tracked(tmp_path: Path, tls: Path, ps_port: int, disk: Path, log: str = "source.log"):
+def start_tracked(
+    tmp_path: Path, tls: Path, ps_port: int, disk: Path, log: str = "source.log", *extra: str
+):
     agent = start(
         replication(
             "source-agent",
@@ -43,6 +47,7 @@ def start_tracked(tmp_path: Path, tls: Path, ps_port: int, disk: Path, log: str 
             "127.0.0.1:0",
             "--control-listen",
             "127.0.0.1:0",
+            *extra,
         ),
         tmp_path / log,
     )
@@ -97,3 +102,69 @@ def test_writes_through_nbd_reach_the_target_and_a_restart_needs_no_rescan(relay
     after = src.log.read_text()
     assert "full_resync=False" in after
     assert "full_resync=True" not in after, "a sound bitmap must not cause a rescan"
+
+
+def test_an_untrusted_bitmap_falls_back_to_a_hash_compare_resync_of_that_disk(relay):
+    tmp_path, tls, vmdk, ps, agents = relay.tmp, relay.tls, relay.vmdk, relay.ps, relay.agents
+    raw = tmp_path / "source.raw"
+    make_raw(raw, SIZE, seed=12)
+    src, nbd = start_tracked(tmp_path, tls, ps.port, raw)
+    agents.append(src)
+    wait_for(lambda: level(raw, vmdk), "the first resync", 60, every=0.3)
+    qemu_io(nbd, "write -P 0x42 2M 1M")
+    wait_for(lambda: level(raw, vmdk), "the write", 60, every=0.3)
+    src.kill()
+    # the bitmap is damaged while the agent is down, and the disk written behind its back
+    state = tmp_path / "cbt" / "vol1" / "tracking.cbt"
+    data = bytearray(state.read_bytes())
+    data[20] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with open(raw, "r+b") as f:
+        f.seek(7 << 20)
+        f.write(b"\x99" * 65536)
+    src, nbd = start_tracked(tmp_path, tls, ps.port, raw, "source-restarted.log")
+    agents.append(src)
+    log = src.log.read_text()
+    assert "trusted=False reason=corrupt" in log, log
+    wait_for(lambda: level(raw, vmdk), "the hash-compare resync", 60, every=0.3)
+    assert "full_resync=True" in src.log.read_text()
+
+
+def test_hooks_run_around_app_tags_and_a_failing_pre_hook_refuses_the_tag(relay):
+    tmp_path, tls, ps, agents = relay.tmp, relay.tls, relay.ps, relay.agents
+    raw = tmp_path / "source.raw"
+    make_raw(raw, SIZE, seed=14)
+    trace, refuse = tmp_path / "hooks.txt", tmp_path / "refuse"
+    pre = f"sh -c 'test ! -e {refuse} && echo pre >> {trace}'"
+    post = f"sh -c 'echo post >> {trace}'"
+    src, _nbd = start_tracked(
+        tmp_path,
+        tls,
+        ps.port,
+        raw,
+        "source.log",
+        "--pre-hook",
+        pre,
+        "--post-hook",
+        post,
+        "--app-interval",
+        "1s",
+    )
+    agents.append(src)
+    orchestrator = load_identity(tls, "orchestrator", "localhost")
+    mt = f"127.0.0.1:{relay.agents[0].port}"
+    with ControlClient(mt, orchestrator) as target:
+        # the hourly policy, here every second: scheduled app-consistent points appear
+        wait_for(
+            lambda: [p for p in target.list_points("vol1") if p.tag.startswith("scheduled-")],
+            "a scheduled app-consistent point",
+            60,
+            every=0.3,
+        )
+        lines = trace.read_text().split()
+        assert lines[:2] == ["pre", "post"], lines
+        refuse.touch()  # the application cannot be quiesced: no tag, no point
+        source = ControlClient(f"127.0.0.1:{src.port}", orchestrator)
+        with source, pytest.raises(TagFailedError, match="pre-hook"):
+            source.tag(TagSpec("app", "must-not-exist"))
+        assert not [p for p in target.list_points("vol1") if p.tag == "must-not-exist"]

@@ -18,7 +18,7 @@ import pytest
 from replication.certs import load_identity
 from replication.control import ControlClient, consistent_cut
 from replication.wire import TagSpec
-from tests.e2e.agents import init_tls, replication, start
+from tests.e2e.agents import init_tls, replication, restart, start
 from tests.e2e.test_source_daemon import wait_for
 from tests.helpers import make_raw, qemu_check, qemu_compare, require
 
@@ -113,7 +113,7 @@ def site(tmp_path):
             90,
             every=0.3,
         )
-        yield tmp_path, disks, nbd, source, target, datastore
+        yield tmp_path, disks, nbd, source, target, datastore, agents
     for a in reversed(agents):
         a.stop()
 
@@ -138,7 +138,7 @@ def produced_equals(target, datastore: Path, volume: str, point: str, copy: Path
 
 
 def test_app_consistent_tags_produce_exactly_the_tagged_disks(site):
-    tmp_path, disks, nbd, source, target, datastore = site
+    tmp_path, disks, nbd, source, target, datastore, _agents = site
     rng = random.Random(5)
     copies = []
     for n in range(3):
@@ -167,7 +167,7 @@ def test_app_consistent_tags_produce_exactly_the_tagged_disks(site):
 
 
 def test_a_group_cut_is_consistent_across_two_disks(site):
-    tmp_path, disks, nbd, source, target, datastore = site
+    tmp_path, disks, nbd, source, target, datastore, _agents = site
     rng = random.Random(9)
     churn(nbd, "web", rng)
     churn(nbd, "db", rng)
@@ -187,7 +187,7 @@ def test_a_group_cut_is_consistent_across_two_disks(site):
 
 
 def test_every_crash_consistent_point_is_a_prefix_of_the_acknowledged_writes(site):
-    tmp_path, disks, nbd, _source, target, datastore = site
+    tmp_path, disks, nbd, _source, target, datastore, _agents = site
     rng = random.Random(13)
     prefixes = {_sha256(disks["db"])}  # the disk before any write of this test
     before = {p.id for p in target.list_points("db")}
@@ -220,3 +220,38 @@ def _sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_master_target_killed_while_applying_keeps_every_point(site):
+    tmp_path, disks, nbd, source, target, datastore, agents = site
+    rng = random.Random(21)
+    churn(nbd, "web", rng)
+    copy = tmp_path / "web-at-before.raw"
+    shutil.copyfile(disks["web"], copy)
+    source.tag(TagSpec("app", "before"))
+    wait_for(lambda: any(p.tag == "before" for p in target.list_points("web")), "the tag's point")
+    # a large write, and the master target killed while it applies it
+    mt = agents[0]
+    args = [require("qemu-io"), "-f", "raw", f"nbd://127.0.0.1:{nbd}/web"]
+    before = _target(tmp_path, "web").stat().st_mtime_ns
+    subprocess.run([*args, "-c", "write -P 0x3c 0 12M"], check=True, timeout=60)
+    wait_for(
+        lambda: _target(tmp_path, "web").stat().st_mtime_ns != before,
+        "the master target to start writing the epoch",
+        30,
+        every=0.005,
+    )
+    mt.kill()
+    agents[0] = restart(mt, mt.port)
+    wait_for(
+        lambda: qemu_compare(disks["web"], _target(tmp_path, "web"), "vmdk").returncode == 0,
+        "the target level again after the restart",
+        90,
+        every=0.5,
+    )
+    assert qemu_check(_target(tmp_path, "web")).returncode == 0
+    produced_equals(target, datastore, "web", "tag:before", copy, "web-before-again")
+
+
+def _target(tmp_path: Path, name: str) -> Path:
+    return tmp_path / f"{name}-target.vmdk"
