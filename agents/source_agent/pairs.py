@@ -259,7 +259,16 @@ class PairTable:
         self._progress(status)(session)
         now = time.time()
         status.rpo_seconds = max(0.0, now - oldest) if oldest is not None else 0.0
-        metrics.RPO_SECONDS.set(status.rpo_seconds)
+        metrics.RPO_SECONDS.labels(status.volume).set(status.rpo_seconds)
+        if oldest is not None:
+            metrics.EPOCH_RPO.labels(status.volume).observe(status.rpo_seconds)
+        log.info(
+            "event=epoch_persisted disk=%s number=%d blocks=%d rpo=%.4f",
+            status.disk,
+            epoch.number,
+            session.stats.blocks_to_send,
+            status.rpo_seconds,
+        )
         if status.state != "protected":
             log.info("event=protected disk=%s volume=%s mode=tracked", status.disk, status.volume)
         status.state, status.error = "protected", ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,8 @@ def start_tracked(
             "--nbd-listen",
             "127.0.0.1:0",
             "--control-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
             "127.0.0.1:0",
             *extra,
         ),
@@ -89,6 +92,11 @@ def test_writes_through_nbd_reach_the_target_and_a_restart_needs_no_rescan(relay
             lambda: (p := pair_of(client, "vol1")) and p.state == "protected" and p, "protected"
         )
         assert pair.mode == "tracked"
+        assert 0 < pair.rpo_seconds < 60  # measured: the write's age at its PERSISTED ack
+    port = re.search(r"metrics_port=(\d+)", src.log.read_text()).group(1)
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    count = re.search(rb'replication_epoch_rpo_seconds_count\{volume="vol1"\} (\S+)', scraped)
+    assert count and float(count.group(1)) >= 1
 
     # kill -9 with writes acknowledged to qemu-io; restart: the bitmap is trusted
     qemu_io(nbd, "write -P 0x77 5M 2M")
@@ -168,3 +176,25 @@ def test_hooks_run_around_app_tags_and_a_failing_pre_hook_refuses_the_tag(relay)
         with source, pytest.raises(TagFailedError, match="pre-hook"):
             source.tag(TagSpec("app", "must-not-exist"))
         assert not [p for p in target.list_points("vol1") if p.tag == "must-not-exist"]
+
+
+def test_writes_during_the_first_resync_are_never_overwritten_by_older_content(relay):
+    from tests.proxy import FaultProxy
+
+    tmp_path, tls, vmdk, ps, agents = relay.tmp, relay.tls, relay.vmdk, relay.ps, relay.agents
+    raw = tmp_path / "source.raw"
+    make_raw(raw, SIZE, seed=15)
+    proxy = FaultProxy(ps.port)
+    proxy.delay = 0.02  # a slow link: the resync is still running when the writes come
+    try:
+        src, nbd = start_tracked(tmp_path, tls, proxy.port, raw)
+        agents.append(src)
+        wait_for(lambda: proxy.bytes_up > 200_000, "the resync to be under way", 60, every=0.02)
+        # overwrite blocks the resync may already have read (low offsets) and not yet
+        qemu_io(nbd, "write -P 0x61 0 2M", "write -P 0x62 24M 2M", "write -P 0x63 1M 64k")
+        still_resyncing = "event=protected" not in src.log.read_text()
+        proxy.delay = 0.0
+        wait_for(lambda: level(raw, vmdk), "the target level with every write", 90, every=0.3)
+    finally:
+        proxy.close()
+    assert still_resyncing, "the writes came after the resync: the race was not exercised"
