@@ -38,8 +38,11 @@ test: install
 demo: install
 	$(BIN)/replication demo
 
+# pytest-benchmark suites (sync, frames, e2e agents vs a bare relay), then the
+# side-by-side report with targets: bench-out/bench.{json,md}
 bench: install
 	$(BIN)/pytest -q benchmarks --benchmark-only
+	$(BIN)/replication bench --size $${BENCH_SIZE:-1G} --out bench-out
 
 proto: install
 	$(PYTHON) -m replication.protogen

@@ -100,16 +100,19 @@ class CutCoordinator:
             )
         prepared.timer.cancel()
         tag = {"kind": spec.kind, "name": spec.name, "group": spec.group}
+        cut = False
         try:
             events = [self._pairs.request_cut(d, tag) for d in prepared.disks]
             deadline = time.monotonic() + CUT_TIMEOUT
             for disk, done in zip(prepared.disks, events, strict=True):
                 if not done.wait(max(0.0, deadline - time.monotonic())):
                     raise TagFailedError(f"disk {disk!r} did not cut within {CUT_TIMEOUT} s")
+            cut = True
         finally:
             held = self._release(prepared)
-        if spec.kind == "app":
-            self._run_hook(self._post, "post", spec, prepared.disks)
+            if spec.kind == "app":
+                # the application was quiesced by the pre-hook: thaw it whatever happened
+                self._run_hook(self._post, "post", spec, prepared.disks, quiet=not cut)
         log.info("event=cut name=%s group=%s held=%.3f", spec.name, spec.group, held)
         return prepared.disks, held
 

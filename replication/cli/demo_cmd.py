@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 from ..blocks import parse_size
 from ..disks import create_disk, open_disk
 from ..errors import PairFailedError
+from ..launch import Launched, agent_command, launch
 from ..sync import SyncOptions, SyncReport, sync_paths
 from .sync_cmd import format_report
 
@@ -105,43 +104,44 @@ def _failback_through_agents(work: Path, vhd: Path, vmdk: Path) -> str:
 
     tls = work / "tls"
     init_tls_dir(tls, ["localhost"])
-    agents = []
+    agents: list[Launched] = []
     try:
-        mt = _start_agent(
+        mt = launch(
+            agent_command(
+                "master-target",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(work / "mt"),
+                "--tls-dir",
+                str(tls),
+                "--volume",
+                f"onprem={vmdk}",
+            ),
             work / "mt.log",
-            "master-target",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(work / "mt"),
-            "--tls-dir",
-            str(tls),
-            "--volume",
-            f"onprem={vmdk}",
         )
         agents.append(mt)
-        ps = _start_agent(
+        ps = launch(
+            agent_command(
+                "process-server",
+                "--listen",
+                "127.0.0.1:0",
+                "--master-target",
+                f"127.0.0.1:{mt.port}",
+                "--spool-dir",
+                str(work / "spool"),
+                "--tls-dir",
+                str(tls),
+            ),
             work / "ps.log",
-            "process-server",
-            "--listen",
-            "127.0.0.1:0",
-            "--master-target",
-            f"127.0.0.1:{mt[1]}",
-            "--spool-dir",
-            str(work / "spool"),
-            "--tls-dir",
-            str(tls),
         )
         agents.append(ps)
-        print(f"   master target on 127.0.0.1:{mt[1]}, process server on 127.0.0.1:{ps[1]}")
+        print(f"   master target on 127.0.0.1:{mt.port}, process server on 127.0.0.1:{ps.port}")
         src = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "replication",
+            agent_command(
                 "source-agent",
                 "--process-server",
-                f"127.0.0.1:{ps[1]}",
+                f"127.0.0.1:{ps.port}",
                 "--tls-dir",
                 str(tls),
                 "--disk",
@@ -149,7 +149,7 @@ def _failback_through_agents(work: Path, vhd: Path, vmdk: Path) -> str:
                 "--once",
                 "--deadline",
                 "600",
-            ],
+            ),
             capture_output=True,
             text=True,
             timeout=900,
@@ -159,24 +159,8 @@ def _failback_through_agents(work: Path, vhd: Path, vmdk: Path) -> str:
             raise PairFailedError(f"source agent failed: {src.stderr.strip().splitlines()[-1]}")
         return src.stdout.strip()
     finally:
-        for proc, _ in agents:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
-def _start_agent(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], int]:
-    out = open(log, "wb")  # noqa: SIM115 - the agent writes it until it stops
-    proc = subprocess.Popen([sys.executable, "-m", "replication", *args], stdout=out, stderr=out)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        m = re.search(r"event=listening port=(\d+)", log.read_text(errors="replace"))
-        if m:
-            return proc, int(m.group(1))
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise PairFailedError(f"{args[0]} did not start: {log.read_text()[-500:]}")
+        for agent in agents:
+            agent.stop()
 
 
 def _step(title: str) -> None:

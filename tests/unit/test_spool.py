@@ -337,14 +337,22 @@ def test_kill_9_keeps_every_synced_frame(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    early = []
     try:
-        time.sleep(1.5)
+        # kill once the writer has synced a good number of frames, however loaded the
+        # machine is (a fixed sleep killed it before its first sync under load)
+        deadline = time.monotonic() + 60
+        while len(early) < 60 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            early.append(line)
         proc.kill()
         out, err = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines = out.decode().split("\n")[:-1]  # the last one may be cut
+    lines = (b"".join(early) + out).decode().split("\n")[:-1]  # the last may be cut
     assert lines, err.decode()
     synced = [int(line) for line in lines]
     assert synced == sorted(synced) and synced[-1] >= 50

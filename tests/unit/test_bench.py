@@ -1,0 +1,182 @@
+"""``replication.bench``: figures and targets, the stage registry, a whole run on 16 MiB.
+
+The whole run (every available stage, one round, no waiting for a quiet machine)
+is made once for the module; it starts the three agents and the bare relay, so it
+takes ~10 s here. Nothing asserts on speed: only on what is measured and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from replication.bench import STAGES, BenchConfig, Figure, Target, run_bench, select_stages
+from replication.bench import delta as delta_stage
+from replication.bench import replicate as replicate_stage
+from replication.bench import scan as scan_stage
+from replication.bench.context import Context
+from replication.bench.report import format_table, to_dict, to_markdown, write_outputs
+from replication.errors import PairFailedError, UsageError
+from replication.launch import launch
+
+SIZE = 16 << 20
+FIGURE_KEYS = {"value", "baseline", "ratio", "target", "met", "unit", "name", "stage"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    config = BenchConfig(
+        size=SIZE, rounds=1, stages=select_stages(None), work_dir=work / "w", quiet_wait=0
+    )
+    return run_bench(config, say=lambda msg: None)
+
+
+# -- figures and targets ---------------------------------------------------------------
+
+
+def test_ratio_and_verdict_on_ratio():
+    target = Target("ratio", ">=", 0.7)
+    assert Figure("s", "f", "MB/s", 80.0, 100.0, "b", target).met is True
+    fig = Figure("s", "f", "MB/s", 60.0, 100.0, "b", target)
+    assert fig.ratio == pytest.approx(0.6)
+    assert fig.met is False
+
+
+def test_verdict_on_value_ignores_the_baseline():
+    fig = Figure("m", "rss", "MiB", 200.0, None, "relay", Target("value", "<", 256))
+    assert fig.ratio is None
+    assert fig.met is True
+
+
+def test_a_missing_baseline_is_not_judged():
+    fig = Figure("s", "f", "s", 1.0, None, "xxh128sum", Target("ratio", "<=", 1), "xxh128sum")
+    record = fig.to_dict()
+    assert record["ratio"] is None and record["met"] is None
+    assert record["missing"] == "xxh128sum"
+
+
+def test_bad_target_is_refused():
+    with pytest.raises(ValueError):
+        Target("speed", "<=", 1)
+
+
+# -- stage registry ----------------------------------------------------------------------
+
+
+def test_registry_lists_future_stages_without_a_function():
+    assert [n for n, s in STAGES.items() if s.run is None] == ["rpo", "failback", "fan-in"]
+    assert select_stages(None) == ("scan", "delta", "replicate", "memory")
+    assert select_stages("delta, scan,delta") == ("delta", "scan")
+
+
+def test_unknown_stage_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown stage nope"):
+        select_stages("scan,nope")
+
+
+# -- parsing what the tools print ---------------------------------------------------------
+
+
+def test_rsync_stats_are_read_with_thousands_separators():
+    stats = "Total bytes sent: 21,845,555\nTotal bytes received: 1,234\n"
+    assert delta_stage._bytes_moved("rsync", stats, None) == 21_845_555 + 1_234
+
+
+def test_source_agent_log_gives_frames_bytes_and_the_streaming_phase():
+    log = (
+        "ts=2026-11-26 02:36:22,566 component=source-agent level=INFO msg=event=plan x=1\n"
+        "ts=2026-11-26 02:36:31,432 component=source-agent level=INFO msg=event=persisted "
+        "volume=v frames=927 bytes_plain=745406464 bytes_framed=237359382\n"
+    )
+    run = replicate_stage._parse(log, 10.0, {"source": 1.0}, {"source": 1})
+    assert (run.frames, run.bytes_plain, run.bytes_framed) == (927, 745406464, 237359382)
+    assert run.stream_seconds == pytest.approx(8.866)
+
+
+def test_scan_reports_a_missing_tool_instead_of_a_baseline(tmp_path):
+    ctx = Context.create(BenchConfig(size=4 << 20, rounds=1, quiet_wait=0), tmp_path)
+    ctx.say = lambda msg: None
+    ctx.tools["xxh128sum"] = None
+    (fig,), details = scan_stage.run(ctx)
+    assert fig.value is not None and fig.value > 0
+    assert (fig.baseline, fig.missing, fig.met) == (None, "xxh128sum", None)
+    assert details["xxh128sum_s"] == []
+
+
+# -- launch -------------------------------------------------------------------------------
+
+
+def test_launch_returns_the_announced_port(tmp_path):
+    code = "import time; print('event=listening port=4242', flush=True); time.sleep(60)"
+    daemon = launch([sys.executable, "-c", code], tmp_path / "d.log", timeout=20)
+    assert daemon.port == 4242
+    assert daemon.stop() is not None
+
+
+def test_launch_reports_a_child_that_exits_first(tmp_path):
+    code = "import sys; print('boom: no config'); sys.exit(3)"
+    with pytest.raises(PairFailedError, match="status 3 before listening: boom"):
+        launch([sys.executable, "-c", code], tmp_path / "d.log", timeout=20)
+
+
+# -- a whole run ----------------------------------------------------------------------------
+
+
+def test_every_selected_stage_ran_and_future_ones_are_listed(result):
+    status = {s.name: s.status for s in result.stages}
+    assert status == {
+        "scan": "ran",
+        "delta": "ran",
+        "replicate": "ran",
+        "memory": "ran",
+        "rpo": "not yet available",
+        "failback": "not yet available",
+        "fan-in": "not yet available",
+    }
+
+
+def test_json_schema_every_figure_has_value_baseline_ratio_target_met(result):
+    doc = json.loads(json.dumps(to_dict(result), default=str))
+    assert doc["schema"] == 1 and doc["config"]["size_bytes"] == SIZE
+    figures = [f for s in doc["stages"] for f in s["figures"]]
+    assert len(figures) == 1 + 10 + 4 + 3
+    for f in figures:
+        assert f.keys() >= FIGURE_KEYS, f
+        assert set(f["target"]) == {"on", "op", "limit", "why"}
+        assert f["met"] in (True, False, None)
+        if f["value"] is not None and f["baseline"]:
+            assert f["ratio"] == pytest.approx(f["value"] / f["baseline"], rel=1e-3)
+    assert doc["summary"]["figures"] == len(figures)
+
+
+def test_replication_moved_the_image_and_measured_every_process(result):
+    rep = next(s for s in result.stages if s.name == "replicate").details
+    assert rep["frames"] > 0 and rep["bytes_plain"] > rep["bytes_framed"] > 0
+    agents = rep["agents"][0]
+    assert set(agents["cpu"]) == {"source", "process_server", "master_target"}
+    assert all(v > 0 for v in agents["cpu"].values())
+    relay = rep["relays"][0]
+    assert relay["messages"] == rep["frames"]
+    memory = [f for f in result.figures if f.stage == "memory"]
+    # each process's own peak (VmHWM), not the bench's inherited through fork
+    assert all(20 < f.value < 1024 and 20 < f.baseline < 1024 for f in memory)
+
+
+def test_delta_bytes_are_close_to_the_changed_blocks(result):
+    details = next(s for s in result.stages if s.name == "delta").details
+    changed = int(SIZE // 65536 * 0.01) * 65536
+    sync_bytes = details["1%"]["sync"]["bytes"][0]
+    assert changed <= sync_bytes < changed + 64 * 1024 + SIZE // 65536 * 16
+
+
+def test_table_and_markdown_name_targets_and_pending_stages(result, tmp_path):
+    table = format_table(result)
+    assert "e2e full resync throughput" in table and "ratio >= 0.7" in table
+    assert "not yet available: rpo" in table
+    md = to_markdown(result)
+    assert md.startswith("# replication bench") and "| stage | figure |" in md
+    written = write_outputs(result, tmp_path / "out")
+    assert {p.name for p in written} >= {"bench.json", "bench.md"}
