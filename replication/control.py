@@ -60,6 +60,13 @@ class ControlClient:
         request = wire.start_pair_to_pb(disk, volume)
         return wire.pair_from_pb(self._call(f"start pair {disk}", self._stub.StartPair, request))
 
+    def move_pair(
+        self, disk: str, process_server: str, server_host: str = "localhost"
+    ) -> wire.PairInfo:
+        """Send a pair's next sessions through another process server (no resync)."""
+        request = wire.move_pair_to_pb(disk, process_server, server_host)
+        return wire.pair_from_pb(self._call(f"move pair {disk}", self._stub.MovePair, request))
+
     def stop_pair(self, disk: str) -> wire.PairInfo:
         """Stop a pair once what it already sent is PERSISTED (bounded)."""
         request = wire.stop_pair_to_pb(disk)

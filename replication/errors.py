@@ -531,3 +531,112 @@ class TagFailedError(ReplicationError):
 
 
 __all__ += ["TagFailedError"]
+
+
+# --- orchestrator and its configuration store ---------------------------------------
+
+
+class OrchestratorError(ReplicationError):
+    """A failback step could not run; nothing was moved unless the message says so."""
+
+    code = "orchestrator.error"
+    exit_status = 11
+
+
+class UnknownVmError(OrchestratorError):
+    """The VM is not in the configuration store: register it first (failback fails otherwise)."""
+
+    code = "orchestrator.unknown_vm"
+
+
+class UnknownObjectError(OrchestratorError):
+    """No server, disk, group, plan or job of that name is in the configuration store."""
+
+    code = "orchestrator.unknown"
+
+
+class DuplicateDiskUuidError(OrchestratorError):
+    """Two registered disks share one UUID; give one a new UUID before protecting them."""
+
+    code = "orchestrator.duplicate_uuid"
+
+
+class ServerUnreachableError(OrchestratorError):
+    """A process server, master target or source agent did not answer its control service."""
+
+    code = "orchestrator.unreachable"
+    retryable = True
+
+
+class ServerIdentityError(OrchestratorError):
+    """A server's certificate is not the one registered in the configuration store."""
+
+    code = "orchestrator.fingerprint"
+
+
+class DatastoreNotWritableError(OrchestratorError):
+    """The master target cannot create a disk in its datastore (a read-only account's symptom)."""
+
+    code = "orchestrator.datastore_read_only"
+
+
+class OriginalDiskMissingError(OrchestratorError):
+    """The original VMDK is not registered, or not readable, on the chosen master target."""
+
+    code = "orchestrator.original_missing"
+
+
+class PhysicalTargetError(OrchestratorError):
+    """Failing back onto a physical machine is not supported; recover it to a new VMDK."""
+
+    code = "orchestrator.physical_target"
+
+
+class WrongStateError(OrchestratorError):
+    """The step does not apply to the VM's current phase (e.g. failover before reprotect)."""
+
+    code = "orchestrator.wrong_state"
+
+
+class JobBusyError(OrchestratorError):
+    """Another running orchestrator job already works on one of these VMs."""
+
+    code = "orchestrator.busy"
+    retryable = True
+
+
+class StoreError(ReplicationError):
+    """The orchestrator's configuration store could not be used."""
+
+    code = "store.error"
+    exit_status = 12
+
+
+class StoreVersionError(StoreError):
+    """The configuration store was written by a newer version of the schema."""
+
+    code = "store.version"
+
+
+class StoreCorruptError(StoreError):
+    """The configuration store or a backup of it is not a valid store (integrity check)."""
+
+    code = "store.corrupt"
+
+
+__all__ += [
+    "DatastoreNotWritableError",
+    "DuplicateDiskUuidError",
+    "JobBusyError",
+    "OrchestratorError",
+    "OriginalDiskMissingError",
+    "PhysicalTargetError",
+    "ServerIdentityError",
+    "ServerUnreachableError",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreVersionError",
+    "UnknownObjectError",
+    "UnknownVmError",
+    "WrongStateError",
+]

@@ -128,7 +128,12 @@ class VolumeHistory:
             return self.add_point(
                 str(tag["kind"]), tag=str(tag.get("name", "")), group=str(tag.get("group", ""))
             )
-        if self._clock() - self._last_crash >= self.policy.crash_interval:
+        now = self._clock()
+        if now < self._last_crash:
+            # the clock stepped back: measure the interval from now, or no crash point
+            # would be made until the clock caught up again
+            self._last_crash = now
+        if now - self._last_crash >= self.policy.crash_interval:
             return self.add_point("crash")
         return None
 
@@ -147,7 +152,9 @@ class VolumeHistory:
         )
         point = self.journal.add_point(kind, manifest_root=root, tag=tag, group=group)
         if kind == "crash":
-            self._last_crash = point.time
+            # the schedule runs on the clock as it reads now; point times themselves are
+            # clamped so they never go backwards
+            self._last_crash = self._clock()
         self._prune()
         log.info(
             "event=recovery_point volume=%s id=%d kind=%s tag=%s group=%s root=%s",

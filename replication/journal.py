@@ -85,6 +85,7 @@ from .errors import (
     PointNotFoundError,
     UsageError,
 )
+from .faults import crash_point
 
 __all__ = [
     "DEFAULT_RETENTION_SECONDS",
@@ -571,6 +572,7 @@ class Journal:
                 offset + start, view[start : start + UNDO_CHUNK], self._zstd
             )
             self._append(TYPE_UNDO, flags, body)
+        crash_point("journal.appended")
         if len(view):
             self._covered.add(offset, offset + len(view))
         return self._next_lsn - 1
@@ -613,6 +615,7 @@ class Journal:
             self._broken = f"fsync {self._active.path}: {err}"
             raise self._io_error(f"fsync {self._active.path}", err) from err
         self._sync_point = (self._active.number, self._active.size)
+        crash_point("journal.synced")
         self._dirty = False
 
     def add_point(

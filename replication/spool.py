@@ -62,6 +62,7 @@ from .errors import (
     SpoolFullError,
     UsageError,
 )
+from .faults import crash_point
 from .frame import frame_size, peek_header
 
 __all__ = [
@@ -368,6 +369,7 @@ class Spool:
             state.durable = state.appended
             result[key] = state.durable
         self._touched.clear()
+        crash_point("spool.synced")
         if self._cursors_dirty:
             # Retry a cursor save that failed earlier; its error was already reported and
             # must not hide that the frames above are now durable.
@@ -468,6 +470,7 @@ class Spool:
         synced = self._sync_point[1] if self._sync_point[0] == active.number else 0
         record = _encode_record(key[0].encode(), key[1], seq, frame, synced)
         self._write_all(active, record)
+        crash_point("spool.appended")
         active.size += length
         span = active.sessions.setdefault(key, [seq, seq])
         span[1] = seq

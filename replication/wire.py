@@ -220,6 +220,7 @@ class PairInfo:
     error: str = ""
     mode: str = ""
     rpo_seconds: float = 0.0
+    process_server: str = ""
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,7 @@ def pair_to_pb(p: PairInfo) -> control_pb2.PairStatus:
         error=p.error,
         mode=p.mode,
         rpo_seconds=p.rpo_seconds,
+        process_server=p.process_server,
     )
 
 
@@ -264,6 +266,7 @@ def pair_from_pb(m: control_pb2.PairStatus) -> PairInfo:
         m.error,
         m.mode,
         m.rpo_seconds,
+        m.process_server,
     )
 
 
@@ -301,6 +304,10 @@ def create_volume_to_pb(name: str, size: int, subformat: str) -> control_pb2.Cre
 
 def start_pair_to_pb(disk: str, volume: str) -> control_pb2.StartPairRequest:
     return control_pb2.StartPairRequest(disk=disk, volume=volume)
+
+
+def move_pair_to_pb(disk: str, address: str, host: str) -> control_pb2.MovePairRequest:
+    return control_pb2.MovePairRequest(disk=disk, process_server=address, process_server_host=host)
 
 
 def stop_pair_to_pb(disk: str) -> control_pb2.StopPairRequest:

@@ -46,6 +46,7 @@ class PairOptions:
     """How one replication session runs (from the agent's settings)."""
 
     block_size: int
+    address: str = ""  # the process server, HOST:PORT
     server_host: str = "localhost"
     deadline: float = 3600.0
     throttle: TokenBucket | None = None
@@ -237,12 +238,16 @@ def replicate_once(
         channels[:] = [secure_channel(address, identity, server_host=options.server_host)]
         return data_pb2_grpc.ProcessServerStub(channels[0])
 
-    try:
+    def prepare() -> tuple[object, SourceSession]:
         stub = connect()
         agreed = handshake(stub)
         session = SourceSession(disk, volume, secret, block_size=options.block_size)
         session.markers_allowed = agreed.has(Feature.EPOCH_MARKERS)
         (plan or plan_by_hash_compare)(session, stub)
+        return stub, session
+
+    try:
+        stub, session = _with_retries(prepare, options, f"plan {volume}")
         log.info(
             "event=plan volume=%s blocks_total=%d blocks_to_send=%d",
             volume,
@@ -256,6 +261,39 @@ def replicate_once(
     finally:
         for channel in channels:
             channel.close()
+
+
+def _with_retries(step, options: PairOptions, what: str):
+    """Run ``step`` until it succeeds, retrying transient failures until the deadline.
+
+    Nothing has been sent before the plan exists, so a process server or master
+    target that is down or restarting at that moment only delays the session; a
+    refusal the peer marks permanent (unknown volume, wrong role...) ends it at once.
+    """
+    deadline = time.monotonic() + options.deadline
+    cancel = options.cancel or threading.Event()
+    attempt = 0
+    while True:
+        try:
+            return step()
+        except grpc.RpcError as err:
+            attempt += 1
+            refused = ERRORS_BY_CODE.get(error_code_of(err) or "")
+            if refused is not None and not refused.retryable:
+                raise
+            if _tls_refused(err) or time.monotonic() > deadline or cancel.is_set():
+                raise
+            log.warning("event=retry step=%r attempt=%d status=%s", what, attempt, err.code())
+            cancel.wait(min(2.0, 0.2 * attempt))
+
+
+def _tls_refused(err: grpc.RpcError) -> bool:
+    """A failed TLS handshake (foreign CA, expired or wrong certificate) is no outage:
+    retrying cannot help, and the operator must hear of it at once."""
+    details = (err.details() or "").lower() if hasattr(err, "details") else ""
+    if "reset by peer" in details or "connection refused" in details:
+        return False  # a peer dying mid-handshake is an outage, not a refusal
+    return "certificate" in details or "ssl_error_ssl" in details or "alert" in details
 
 
 def plan_by_hash_compare(session: SourceSession, stub, hash_disk=None) -> None:

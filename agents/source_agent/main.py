@@ -73,9 +73,7 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
         settings["passphrase_file"] or Path(settings["tls_dir"]) / "passphrase"
     )
     options = _options(settings)
-    replicate = partial(
-        _replicate, secret=secret, address=settings["process_server"], identity=identity
-    )
+    replicate = partial(_replicate, secret=secret, identity=identity)
     if settings["once"]:
         return _run_once(disks, replicate, options, log)
     return _run_daemon(settings, disks, replicate, options, identity, log, stop)
@@ -86,14 +84,15 @@ def _options(settings: dict[str, Any]) -> PairOptions:
     rate = limit if isinstance(limit, int) else parse_rate(str(limit)) if limit else None
     return PairOptions(
         block_size=int(settings["block_size"]),
+        address=settings["process_server"],
         server_host=settings["process_server_host"],
         deadline=float(settings["deadline"]),
         throttle=TokenBucket(rate) if rate else None,
     )
 
 
-def _replicate(disk, volume, options, plan=None, *, secret, address, identity):
-    return replicate_once(disk, volume, secret, address, identity, options, plan=plan)
+def _replicate(disk, volume, options, plan=None, *, secret, identity):
+    return replicate_once(disk, volume, secret, options.address, identity, options, plan=plan)
 
 
 def _run_once(disks: dict[str, str], replicate, options: PairOptions, log) -> int:

@@ -54,6 +54,7 @@ class PairState:
     last_protected: float | None = None
     mode: str = "rescan"
     rpo_seconds: float = 0.0
+    process_server: str = ""
 
 
 @dataclass
@@ -64,6 +65,8 @@ class _Pair:
     thread: threading.Thread | None = None
     # tagged cuts asked for and not made yet: (tag, set once the cut is made)
     tags: list[tuple[dict, threading.Event]] = field(default_factory=list)
+    # where the next session goes (MovePair changes it between sessions)
+    route: tuple[str, str] = ("", "")
 
 
 #: replicate(disk, volume, options, plan=None) -> finished session; the agent binds the rest
@@ -110,7 +113,11 @@ class PairTable:
                     )
                 return replace(pair.status)
             mode = "tracked" if disk in self._live else "rescan"
-            pair = _Pair(self._disks[disk], PairState(disk, volume, mode=mode))
+            route = (self._options.address, self._options.server_host)
+            pair = _Pair(
+                self._disks[disk], PairState(disk, volume, mode=mode, process_server=route[0])
+            )
+            pair.route = route
             pair.thread = threading.Thread(
                 target=self._run, args=(pair,), name=f"pair-{disk}", daemon=True
             )
@@ -136,6 +143,27 @@ class PairTable:
             disks = list(self._pairs)
         for disk in disks:
             self.stop(disk, timeout)
+
+    def move(self, disk: str, address: str, server_host: str) -> PairState:
+        """Send the pair's next sessions through another process server (no resync)."""
+        with self._lock:
+            pair = self._pairs.get(disk)
+            if pair is None:
+                raise UnknownDiskError(f"no pair for disk {disk!r} on this source agent")
+            pair.route = (address, server_host or "localhost")
+            pair.status.process_server = address
+        log.info("event=pair_moved disk=%s process_server=%s", disk, address)
+        return replace(pair.status)
+
+    def _options_for(self, pair: _Pair):
+        address, host = pair.route
+        return replace(
+            self._options,
+            address=address,
+            server_host=host,
+            cancel=pair.cancel,
+            on_progress=self._progress(pair.status),
+        )
 
     def tracked_disks(self) -> list[str]:
         return list(self._live)
@@ -195,7 +223,7 @@ class PairTable:
         status = pair.status
         status.state = "resyncing"
         progress = self._progress(status)
-        options = replace(self._options, cancel=pair.cancel, on_progress=progress)
+        options = self._options_for(pair)
         with open_disk(pair.path) as disk:
             progress(self._replicate(disk, status.volume, options))
         if pair.cancel.is_set():
@@ -245,8 +273,7 @@ class PairTable:
                 disk, plan = live, _resync_plan(record, live.disk)
             else:
                 disk, plan = reader, _epoch_plan(record, epoch)
-            options = replace(self._options, cancel=pair.cancel, on_progress=self._progress(status))
-            session = self._replicate(disk, status.volume, options, plan=plan)
+            session = self._replicate(disk, status.volume, self._options_for(pair), plan=plan)
         except BaseException:
             epoch.abort()  # its blocks stay dirty for the next epoch
             raise

@@ -33,6 +33,7 @@ def pair_info(p: PairState) -> wire.PairInfo:
         p.error,
         p.mode,
         p.rpo_seconds,
+        p.process_server,
     )
 
 
@@ -70,6 +71,16 @@ class SourceControlService(control_pb2_grpc.ControlServicer):
         tls.require_role(context, "orchestrator")
         try:
             state = self._pairs.stop(request.disk)
+        except ReplicationError as err:
+            abort_with(context, err)
+        return wire.pair_to_pb(pair_info(state))
+
+    def MovePair(self, request, context):
+        tls.require_role(context, "orchestrator")
+        try:
+            state = self._pairs.move(
+                request.disk, request.process_server, request.process_server_host
+            )
         except ReplicationError as err:
             abort_with(context, err)
         return wire.pair_to_pb(pair_info(state))

@@ -27,6 +27,8 @@ _COMMAND_MODULES = (
     "agents_cmd",
     "control_cmd",
     "bench_cmd",
+    "orchestrate_cmd",
+    "verify_cmd",
 )
 
 

@@ -145,8 +145,18 @@ class StopPairRequest(_message.Message):
     disk: str
     def __init__(self, disk: _Optional[str] = ...) -> None: ...
 
+class MovePairRequest(_message.Message):
+    __slots__ = ("disk", "process_server", "process_server_host")
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_SERVER_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_SERVER_HOST_FIELD_NUMBER: _ClassVar[int]
+    disk: str
+    process_server: str
+    process_server_host: str
+    def __init__(self, disk: _Optional[str] = ..., process_server: _Optional[str] = ..., process_server_host: _Optional[str] = ...) -> None: ...
+
 class PairStatus(_message.Message):
-    __slots__ = ("disk", "volume", "state", "blocks_total", "blocks_done", "persisted_seq", "error", "mode", "rpo_seconds")
+    __slots__ = ("disk", "volume", "state", "blocks_total", "blocks_done", "persisted_seq", "error", "mode", "rpo_seconds", "process_server")
     DISK_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +166,7 @@ class PairStatus(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     RPO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_SERVER_FIELD_NUMBER: _ClassVar[int]
     disk: str
     volume: str
     state: str
@@ -165,4 +176,5 @@ class PairStatus(_message.Message):
     error: str
     mode: str
     rpo_seconds: float
-    def __init__(self, disk: _Optional[str] = ..., volume: _Optional[str] = ..., state: _Optional[str] = ..., blocks_total: _Optional[int] = ..., blocks_done: _Optional[int] = ..., persisted_seq: _Optional[int] = ..., error: _Optional[str] = ..., mode: _Optional[str] = ..., rpo_seconds: _Optional[float] = ...) -> None: ...
+    process_server: str
+    def __init__(self, disk: _Optional[str] = ..., volume: _Optional[str] = ..., state: _Optional[str] = ..., blocks_total: _Optional[int] = ..., blocks_done: _Optional[int] = ..., persisted_seq: _Optional[int] = ..., error: _Optional[str] = ..., mode: _Optional[str] = ..., rpo_seconds: _Optional[float] = ..., process_server: _Optional[str] = ...) -> None: ...

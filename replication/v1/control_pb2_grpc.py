@@ -59,6 +59,11 @@ class ControlStub:
                 request_serializer=replication_dot_v1_dot_control__pb2.StopPairRequest.SerializeToString,
                 response_deserializer=replication_dot_v1_dot_control__pb2.PairStatus.FromString,
                 _registered_method=True)
+        self.MovePair = channel.unary_unary(
+                '/replication.v1.Control/MovePair',
+                request_serializer=replication_dot_v1_dot_control__pb2.MovePairRequest.SerializeToString,
+                response_deserializer=replication_dot_v1_dot_control__pb2.PairStatus.FromString,
+                _registered_method=True)
         self.Tag = channel.unary_unary(
                 '/replication.v1.Control/Tag',
                 request_serializer=replication_dot_v1_dot_control__pb2.TagRequest.SerializeToString,
@@ -120,6 +125,15 @@ class ControlServicer:
 
     def StopPair(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MovePair(self, request, context):
+        """Unary, orchestrator only (source agent): the pair's next epochs go through
+        another process server. No resync: the change tracking is kept, the epoch in
+        flight finishes (or is aborted and resent) first. Returns the pair.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -187,6 +201,11 @@ def add_ControlServicer_to_server(servicer, server):
             'StopPair': grpc.unary_unary_rpc_method_handler(
                     servicer.StopPair,
                     request_deserializer=replication_dot_v1_dot_control__pb2.StopPairRequest.FromString,
+                    response_serializer=replication_dot_v1_dot_control__pb2.PairStatus.SerializeToString,
+            ),
+            'MovePair': grpc.unary_unary_rpc_method_handler(
+                    servicer.MovePair,
+                    request_deserializer=replication_dot_v1_dot_control__pb2.MovePairRequest.FromString,
                     response_serializer=replication_dot_v1_dot_control__pb2.PairStatus.SerializeToString,
             ),
             'Tag': grpc.unary_unary_rpc_method_handler(
@@ -349,6 +368,33 @@ class Control:
             target,
             '/replication.v1.Control/StopPair',
             replication_dot_v1_dot_control__pb2.StopPairRequest.SerializeToString,
+            replication_dot_v1_dot_control__pb2.PairStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MovePair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/replication.v1.Control/MovePair',
+            replication_dot_v1_dot_control__pb2.MovePairRequest.SerializeToString,
             replication_dot_v1_dot_control__pb2.PairStatus.FromString,
             options,
             channel_credentials,

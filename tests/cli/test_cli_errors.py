@@ -7,6 +7,7 @@ status, and never a Python traceback.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,5 +114,16 @@ def test_demo_runs_the_failback_and_reports_identical(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "qemu-img compare: Images are identical." in proc.stdout
-    assert "all PERSISTED" in proc.stdout and "target identical" in proc.stdout
+    out = proc.stdout
+    # every step of the journey ran, with the delta estimated before anything moved
+    for step in ("2a. preflight passed", "2b. reprotected", "2c. failed over", "4. reverse"):
+        assert step in out, out
+    assert out.count("qemu-img compare: identical") == 2
+    assert "every disk pair IDENTICAL" in out
+    # the report's wire bytes: nothing at the dry run, then a small delta, not the disks
+    dry = re.search(r"2a\. reprotect preflight \+ dry run\s+\S+\s+([\d.]+) MiB", out)
+    moved = re.search(
+        r"2b\. reprotect Azure -> on-prem \(original VMDKs\)\s+\S+\s+([\d.]+) MiB", out
+    )
+    assert dry and float(dry.group(1)) == 0.0
+    assert moved and 0 < float(moved.group(1)) < 4  # the disks hold 48 MiB

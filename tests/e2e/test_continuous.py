@@ -8,6 +8,7 @@ Real processes and TLS; the workload is ``qemu-io`` writing through NBD; the jud
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import urllib.request
@@ -18,11 +19,13 @@ import pytest
 from replication.certs import load_identity
 from replication.control import ControlClient
 from replication.errors import TagFailedError
+from replication.nbd.client import NbdClient
 from replication.wire import TagSpec
 from tests.e2e import test_source_daemon as daemon
 from tests.e2e.agents import replication, start
 from tests.e2e.test_source_daemon import pair_of, wait_for
 from tests.helpers import make_raw, qemu_compare, require
+from tests.proxy import FaultProxy
 
 pytestmark = pytest.mark.oracle
 
@@ -198,3 +201,38 @@ def test_writes_during_the_first_resync_are_never_overwritten_by_older_content(r
     finally:
         proxy.close()
     assert still_resyncing, "the writes came after the resync: the race was not exercised"
+
+
+def test_a_pair_moves_to_another_process_server_without_a_resync(relay):
+    tmp_path, tls, vmdk, ps, agents = relay.tmp, relay.tls, relay.vmdk, relay.ps, relay.agents
+    raw = tmp_path / "source.raw"
+    make_raw(raw, SIZE, seed=16)
+    mt_port = agents[0].port
+    ps2 = start(
+        replication(
+            "process-server", "--listen", "127.0.0.1:0", "--master-target",
+            f"127.0.0.1:{mt_port}", "--spool-dir", str(tmp_path / "spool2"), "--tls-dir", str(tls),
+        ),
+        tmp_path / "ps2.log",
+    )  # fmt: skip
+    agents.append(ps2)
+    src, nbd = start_tracked(tmp_path, tls, ps.port, raw)
+    agents.append(src)
+    wait_for(lambda: level(raw, vmdk), "the first resync", 60, every=0.3)
+    orchestrator = load_identity(tls, "orchestrator", "localhost")
+    proxy = FaultProxy(ps2.port)  # counts what crosses to the second process server
+    try:
+        with ControlClient(f"127.0.0.1:{src.port}", orchestrator) as client:
+            moved = client.move_pair("vol1", f"127.0.0.1:{proxy.port}")
+            assert moved.process_server == f"127.0.0.1:{proxy.port}"
+            epochs_before = src.log.read_text().count("event=epoch disk=vol1")
+            with NbdClient("127.0.0.1", nbd, "vol1") as writer:
+                writer.write(3 << 20, os.urandom(2 << 20))  # incompressible
+            wait_for(lambda: level(raw, vmdk), "the write through the second relay", 60, every=0.3)
+            assert client.status().pairs[0].process_server == f"127.0.0.1:{proxy.port}"
+        assert proxy.bytes_up > 2 << 20  # the epoch went through the second process server
+    finally:
+        proxy.close()
+    log = src.log.read_text()
+    assert log.count("event=epoch disk=vol1") > epochs_before
+    assert log.count("full_resync=True") == 1, "only the first start resyncs"

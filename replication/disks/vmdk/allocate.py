@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...faults import crash_point
 from ..base import zero_buffer
 from .extent import fsync, pwrite_full, pwritev_full
 from .header import SECTOR
@@ -120,6 +121,7 @@ def _allocate_grains(ext: SparseExtent, new: list[tuple[int, memoryview]]) -> No
     pwritev_full(ext.fd, [buf for _, buf in new], start, ext.path)
     ext.file_size = start + len(new) * ext.grain_bytes
     fsync(ext.fd, ext.path)
+    crash_point("vmdk.grains_written")
     first_sector = start // SECTOR
     ext.gte[grains] = first_sector + np.arange(len(new), dtype=np.int64) * ext.grain_sectors
     tables = np.unique(grains // n)

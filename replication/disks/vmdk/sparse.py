@@ -13,14 +13,25 @@ Writes live in :mod:`.allocate`; compressed (streamOptimized) grains in :mod:`.s
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
 import numpy as np
 
 from ...errors import CorruptHeaderError, DiskReadOnlyError
-from .extent import HoleFiller, VmdkExtent, fsync, pread_bytes, pread_full, zero_fill
+from .extent import (
+    HoleFiller,
+    VmdkExtent,
+    fsync,
+    pread_bytes,
+    pread_full,
+    pwrite_full,
+    zero_fill,
+)
 from .header import GD_AT_END, SECTOR, UNCLEAN_SHUTDOWN_OFFSET, SparseHeader
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SparseExtent", "read_sparse_header"]
 
@@ -76,7 +87,7 @@ class SparseExtent(VmdkExtent):
     # -- loading and validation -----------------------------------------------------------
 
     def _load_tables(self) -> None:
-        h, where = self.header, self.path
+        h = self.header
         self.gd = self._read_directory(h.gd_offset, "grain directory")
         if h.redundant and self.writable:
             self.rgd = self._read_directory(h.rgd_offset, "redundant grain directory")
@@ -84,12 +95,40 @@ class SparseExtent(VmdkExtent):
         if self.rgd is not None:
             self._validate_directory(self.rgd, "RGD")
             if not np.array_equal(self.gd == 0, self.rgd == 0):
-                raise CorruptHeaderError(f"{where}: GD and redundant GD disagree")
+                self._repair_torn_table_allocation()
         # lazily backed: only tables actually read touch memory
         self.gte = np.zeros(h.gd_entries * h.num_gtes_per_gt, dtype=np.uint32)
         self._read_tables()
         self.gte = self.gte[: h.grains]
         self._validate_entries()
+
+    def _repair_torn_table_allocation(self) -> None:
+        """Undo a grain-table allocation cut between its GD and RGD entry writes.
+
+        allocate.py appends zeroed tables, fsyncs, then sets the GD and the RGD
+        entries and fsyncs again; a crash in between can leave one directory pointing
+        at a new table and the other not. Such a table is still all zeros (grains are
+        written only after that second fsync), so nothing is lost by dropping the
+        one-sided entries: their tables become unused sectors. Anything else where
+        the directories disagree is corruption.
+        """
+        h, where = self.header, self.path
+        assert self.rgd is not None
+        one_sided = np.flatnonzero((self.gd == 0) != (self.rgd == 0))
+        for t in one_sided:
+            table = int(self.gd[t] or self.rgd[t])
+            raw = pread_bytes(self.fd, h.num_gtes_per_gt * 4, table * SECTOR, self.path)
+            if any(raw):
+                raise CorruptHeaderError(f"{where}: GD and redundant GD disagree")
+        for directory, offset in ((self.gd, h.gd_offset), (self.rgd, h.rgd_offset)):
+            for t in one_sided:
+                if directory[t]:
+                    directory[t] = 0
+                    pwrite_full(self.fd, bytes(4), offset * SECTOR + int(t) * 4, self.path)
+        fsync(self.fd, self.path)
+        log.warning(
+            "event=vmdk_repaired path=%s torn_table_allocations=%d", self.path, len(one_sided)
+        )
 
     def _read_directory(self, sector: int, what: str) -> np.ndarray:
         n = self.header.gd_entries
