@@ -6,10 +6,11 @@ PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
 DEBS    := qemu-utils rsync xxhash strace python3-libvmdk python3-libvhdi libvhdi-utils libnbd-bin
 APT_STAMP := $(VENV)/.debs
+AZURITE_STAMP := .azurite/node_modules/.bin/azurite-blob
 
 .PHONY: install test demo bench proto lint clean docs
 
-install: $(STAMP) $(APT_STAMP)
+install: $(STAMP) $(APT_STAMP) $(AZURITE_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +32,10 @@ $(APT_STAMP): $(STAMP)
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBS) >/dev/null; \
 	fi
 	touch $@
+
+# Azurite (Azure Storage emulator) for the page-blob tests: npm, project-local, when missing.
+$(AZURITE_STAMP):
+	npm install --prefix .azurite azurite@3 --no-audit --no-fund
 
 test: install
 	$(BIN)/pytest -q -n 2 --benchmark-skip tests

@@ -10,6 +10,10 @@
 
 ``format=`` forces a format (``"raw"`` lets a raw disk that happens to end in a VHD
 footer be treated as raw).
+
+A path of the form ``pageblob+https://ACCOUNT.blob.core.windows.net/CONTAINER/BLOB``
+(or ``pageblob:CONTAINER/BLOB`` with ``AZURE_STORAGE_CONNECTION_STRING``) is an Azure
+page blob, opened as a fixed VHD or raw (see :mod:`replication.disks.pageblob`).
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ def _looks_like_descriptor(head: bytes) -> bool:
 
 def open_disk(path: str, *, writable: bool = False, format: str | None = None) -> Disk:
     """Open ``path`` as a :class:`Disk`, detecting its format unless ``format`` is given."""
+    if isinstance(path, str) and path.startswith(("pageblob+", "pageblob:")):
+        from .pageblob import open_pageblob
+
+        return open_pageblob(path, writable=writable, format=format)
     fmt = format or detect_format(path)
     if fmt == "raw":
         return open_raw(path, writable=writable)
@@ -80,6 +88,10 @@ def open_disk(path: str, *, writable: bool = False, format: str | None = None) -
 
 def create_disk(path: str, size: int, *, format: str = "raw", subformat: str | None = None) -> Disk:
     """Create a new, empty disk image and open it for writing."""
+    if isinstance(path, str) and path.startswith(("pageblob+", "pageblob:")):
+        from .pageblob import create_pageblob
+
+        return create_pageblob(path, size, format=format, subformat=subformat)
     if format == "raw":
         return create_raw(path, size)
     if format == "vhd":
