@@ -7,11 +7,13 @@ descriptors, certificates) goes through :func:`write_atomically`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_atomically"]
+__all__ = ["fsync_dir", "lock_exclusive", "write_atomically"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -46,3 +48,24 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = 0
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def lock_exclusive(
+    path: str | os.PathLike[str], busy: Callable[[], Exception], *, mode: int = 0o644
+) -> int:
+    """Open (creating) the lock file ``path`` and hold an exclusive flock; return its fd.
+
+    One writer per directory (a spool, a journal, a tracker's state): a second
+    process gets ``busy()`` raised at once instead of waiting. The lock goes with the
+    fd (close it to release), and so with the process on a crash.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        os.close(fd)
+        raise busy() from err
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

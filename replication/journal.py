@@ -57,7 +57,6 @@ import bisect
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import re
@@ -75,7 +74,7 @@ import xxhash
 import zstandard
 
 from .disks.base import Disk
-from .durable import fsync_dir, write_atomically
+from .durable import fsync_dir, lock_exclusive, write_atomically
 from .errors import (
     DiskSizeMismatchError,
     JournalBusyError,
@@ -515,13 +514,10 @@ class Journal:
         self.close()
 
     def _lock(self) -> None:
-        fd = os.open(self._dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            os.close(fd)
-            raise JournalBusyError(f"journal {self._dir} is open in another process") from err
-        self._lock_fd = fd
+        self._lock_fd = lock_exclusive(
+            self._dir / LOCK_FILE,
+            lambda: JournalBusyError(f"journal {self._dir} is open in another process"),
+        )
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -50,7 +49,7 @@ from typing import BinaryIO, Final, Literal
 
 import xxhash
 
-from .durable import fsync_dir, write_atomically
+from .durable import fsync_dir, lock_exclusive, write_atomically
 from .errors import (
     FrameFormatError,
     FrameGapError,
@@ -287,13 +286,10 @@ class Spool:
         self.close()
 
     def _lock(self) -> None:
-        fd = os.open(self._dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            os.close(fd)
-            raise SpoolBusyError(f"spool {self._dir} is open in another process") from err
-        self._lock_fd = fd
+        self._lock_fd = lock_exclusive(
+            self._dir / LOCK_FILE,
+            lambda: SpoolBusyError(f"spool {self._dir} is open in another process"),
+        )
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import os
 import secrets
 import struct
@@ -67,7 +66,7 @@ import xxhash
 from .blocks import DEFAULT_BLOCK_SIZE, block_count, block_runs, check_block_size
 from .disks import open_disk
 from .disks.base import Disk, DiskInfo, Extent
-from .durable import fsync_dir, write_atomically
+from .durable import fsync_dir, lock_exclusive, write_atomically
 from .errors import (
     EpochError,
     OutOfRangeError,
@@ -486,15 +485,13 @@ def _lock(path: Path) -> int:
     """Take the state's lock file; a second tracker on the same state would corrupt it."""
     lock_path = path.with_name(path.name + ".lock")
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return lock_exclusive(
+            lock_path,
+            lambda: TrackingBusyError(f"{path} is tracked by another process"),
+            mode=0o600,
+        )
     except OSError as err:
-        raise TrackingError(f"open {lock_path}: {err.strerror or err}") from err
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        raise TrackingBusyError(f"{path} is tracked by another process") from err
-    return fd
+        raise TrackingError(f"lock {lock_path}: {err.strerror or err}") from err
 
 
 def _tidy(path: Path, *, corrupt: bool) -> None:

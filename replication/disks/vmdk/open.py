@@ -220,7 +220,9 @@ def _attach_parent(disk: VmdkDisk, desc: Descriptor, seen: set[tuple[int, int]])
         raise CorruptHeaderError(f"{disk.path}: snapshot chain loops back to {parent_path!r}")
     parent = _open(parent_path, writable=False, seen=seen)
     disk.parent = parent
-    if parent.cid != desc.parent_cid:
+    # CIDs are hex numbers: qemu writes parentCID without leading zeros ("3655a02"),
+    # VMware and we write eight digits ("03655a02"); compare the numbers
+    if int(parent.cid, 16) != int(desc.parent_cid, 16):
         raise CorruptHeaderError(
             f"{disk.path}: parentCID {desc.parent_cid} does not match the CID {parent.cid} of "
             f"parent {parent_path!r} (the parent was modified after the snapshot)"
