@@ -63,11 +63,15 @@ def test_a_full_spool_pushes_the_source_back_and_loses_nothing(cluster):
         src = cluster.source(to_ps.port, source, deadline=120)
         cluster.wait_for(lambda: to_ps.bytes_up > MiB, 30, "frames to flow")
         to_mt.stall(True)  # the master target stops answering: nothing gets persisted
+        at_stall = to_ps.bytes_up
         largest, sent = _watch_backpressure(cluster, to_ps, settle=1.5, timeout=30)
         assert src.poll() is None, cluster.source_log()  # pushed back, not failed
         assert largest <= limit + MiB  # the limit, plus at most one segment
         assert cluster.status(ps.port).spool_bytes <= limit
-        assert sent < 0.75 * data, sent  # the source could not just pour it all out
+        # the source could not just pour the rest out: what crossed after the stall is
+        # bounded by the spool limit plus what sits in flight (frames the process server
+        # reads ahead, HTTP/2 windows, socket buffers), whatever the machine's speed
+        assert sent < data and sent - at_stall < limit + 24 * MiB, (at_stall, sent)
         to_mt.stall(False)
         assert src.wait(timeout=90) == 0, cluster.source_log()
     finally:
