@@ -281,7 +281,9 @@ def _with_retries(step, options: PairOptions, what: str):
             refused = ERRORS_BY_CODE.get(error_code_of(err) or "")
             if refused is not None and not refused.retryable:
                 raise
-            if _tls_refused(err) or time.monotonic() > deadline or cancel.is_set():
+            if _tls_refused(err) or _relayed_refusal(err):
+                raise
+            if time.monotonic() > deadline or cancel.is_set():
                 raise
             log.warning("event=retry step=%r attempt=%d status=%s", what, attempt, err.code())
             cancel.wait(min(2.0, 0.2 * attempt))
@@ -294,6 +296,20 @@ def _tls_refused(err: grpc.RpcError) -> bool:
     if "reset by peer" in details or "connection refused" in details:
         return False  # a peer dying mid-handshake is an outage, not a refusal
     return "certificate" in details or "ssl_error_ssl" in details or "alert" in details
+
+
+def _relayed_refusal(err: grpc.RpcError) -> bool:
+    """A master target's refusal that the process server relayed without its code.
+
+    The relay of a server stream surfaces as UNKNOWN ("Exception iterating
+    responses: ...") with the master target's own status in the text: an outage
+    (UNAVAILABLE, DEADLINE_EXCEEDED) is worth retrying, anything else (NOT_FOUND for
+    an unknown volume...) is not.
+    """
+    if err.code() != grpc.StatusCode.UNKNOWN:
+        return False
+    details = (err.details() or "").upper()
+    return "UNAVAILABLE" not in details and "DEADLINE_EXCEEDED" not in details
 
 
 def plan_by_hash_compare(session: SourceSession, stub, hash_disk=None) -> None:
