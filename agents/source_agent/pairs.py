@@ -216,6 +216,10 @@ class PairTable:
                     "event=pair_error disk=%s code=%s error=%s", pair.status.disk, err.code, err
                 )
                 wait, backoff = backoff, min(MAX_BACKOFF, backoff * 2)
+            except Exception as err:  # a bug must show in Status, not kill the worker
+                pair.status.state, pair.status.error = "error", f"internal error: {err!r}"
+                log.exception("event=pair_error disk=%s code=internal", pair.status.disk)
+                wait, backoff = backoff, min(MAX_BACKOFF, backoff * 2)
             pair.cancel.wait(wait)
         pair.status.state = "stopped"
 
