@@ -29,6 +29,23 @@ starting at 1. For each frame :meth:`Applier.apply`:
 
 :meth:`Applier.commit` makes everything applied so far durable and returns the new
 persisted seq of each touched session: the value that ``PERSISTED`` acks carry.
+:meth:`Applier.commit_each` does the same for many sessions at once (a master
+target's group commit) without letting one volume's failed flush hold back the
+others.
+
+Batches (the fast path)
+-----------------------
+:meth:`Applier.apply_batch` takes the frames of one session that arrived together
+and gives the same results and errors as :meth:`apply` frame by frame, in three
+passes: verify and classify every frame (stopping at the first that fails: the
+frames before it are still applied), journal the undo of every range with ONE
+journal fsync (J1, docs/journal.md: durable before any write of the batch is
+issued), then write. Decoding (AES-GCM, zstd, XXH3: all release the GIL) can happen
+earlier through :meth:`predecode`, on the caller's thread (a stream reader) or a
+small pool, while the previous batch is written; the plaintext decoded ahead is
+bounded for all streams together
+(``decode_ahead_bytes``). An all-zero frame is written with ``write_zeroes``; the
+decoder's verified digest tells a non-zero frame without scanning it.
 
 Durability order (why commit is "flush disks, then SQLite")
 -----------------------------------------------------------
@@ -62,14 +79,19 @@ blocks of one volume; the gRPC adapter; live-write races (design R4).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from .blocks import DEFAULT_BLOCK_SIZE, block_count, check_block_size
 from .disks import Disk, open_disk
@@ -83,13 +105,14 @@ from .errors import (
     FrameSequenceError,
     OutOfRangeError,
     PointNotFoundError,
+    ReplicationError,
     SessionNotOpenError,
     UsageError,
     VolumeDiskFullError,
 )
 from .frame import TAG_SIZE, DecodedFrame, FrameDecoder, peek_header
 from .hashmap import HashMap
-from .history import HistoryPolicy, VolumeHistory, parse_marker
+from .history import HistoryPolicy, ScratchBuffer, VolumeHistory, parse_marker
 from .journal import PointInfo
 from .keys import SALT_SIZE
 from .volumes import VolumeRegistry, volume_disk_id
@@ -114,6 +137,8 @@ PERSISTED_EARLIER = "persisted_earlier"
 MAX_HASHMAP_CHUNK_BLOCKS = 65536
 #: SQLite integers are signed 64-bit: seqs stay below 2**63 (never reached in practice).
 _MAX_SEQ = (1 << 63) - 1
+#: plaintext bytes of frames decoded ahead of the writer, all streams together
+DECODE_AHEAD_BYTES = 64 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -176,6 +201,49 @@ class _Session:
         """Fall back to the recorded state (after a failed flush)."""
         self.applied_seq = self.persisted_seq
         self.pending.clear()
+
+
+class _Budget:
+    """Bytes held by frames decoded ahead, shared by every stream of one applier.
+
+    :meth:`take` waits while the budget is spent; a frame larger than the whole
+    budget passes once nothing else is held, so no frame waits forever. Each take
+    returns a :class:`_Hold` to release once (again is a no-op).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> _Hold:
+        with self._cond:
+            while self._used and self._used + n > self._limit:
+                self._cond.wait()
+            self._used += n
+        return _Hold(self, n)
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+class _Hold:
+    """Bytes taken from a :class:`_Budget`; :meth:`release` gives them back once."""
+
+    def __init__(self, budget: _Budget, n: int) -> None:
+        self._budget: _Budget | None = budget
+        self._n = n
+
+    def release(self) -> None:
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget.give(self._n)
+
+
+#: the budget hold of each predecoded frame's future (gone with the future)
+_HOLDS: weakref.WeakKeyDictionary[Future, _Hold] = weakref.WeakKeyDictionary()
 
 
 class ApplyState:
@@ -256,7 +324,8 @@ class ApplyState:
 class Applier:
     """Apply frames to the registry's volumes and record durable progress.
 
-    Not thread-safe: the master target runs one applier in one thread.
+    Not thread-safe (the master target serialises calls with one lock), except
+    :meth:`predecode`, which any thread may call at any time.
     """
 
     def __init__(
@@ -268,6 +337,8 @@ class Applier:
         history_dir: str | Path | None = None,
         policy: HistoryPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        decode_workers: int = 0,
+        decode_ahead_bytes: int = DECODE_AHEAD_BYTES,
     ) -> None:
         self.registry = registry
         # with a history directory every volume keeps an undo journal and points
@@ -275,7 +346,16 @@ class Applier:
         self._policy = policy or HistoryPolicy()
         self._clock = clock
         self._histories: dict[str, VolumeHistory] = {}
-        self._decoder = FrameDecoder(secret)
+        self._scratch = ScratchBuffer()  # one thread applies at a time: one buffer for all
+        self._secret = bytes(secret)
+        self._decoder = FrameDecoder(secret)  # the applying thread's own
+        self._local = threading.local()  # one decoder per decode-pool thread
+        self._pool = (
+            ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+            if decode_workers > 0
+            else None
+        )
+        self._ahead = _Budget(decode_ahead_bytes)
         self._state = ApplyState(state_db_path)
         self._disks: dict[str, Disk] = {}
         self._sessions: dict[SessionKey, _Session] = {}
@@ -338,33 +418,139 @@ class Applier:
 
     # -- frames ---------------------------------------------------------------------
 
+    def predecode(self, frame_bytes: bytes) -> Future[DecodedFrame]:
+        """Verify and decode a frame (on the decode pool, or right here); return its future.
+
+        Thread-safe, and reads no session state: any thread (the master target's
+        stream reader) may call it while another applies, so a batch is decoded
+        while the previous one is written. The result is handed to
+        :meth:`apply_batch`, which still checks the header binds the frame to its
+        session and volume before using it. Without a pool (``decode_workers=0``)
+        the frame is decoded at once, in the calling thread.
+
+        Memory is bounded for all callers together: while the plaintext of frames
+        decoded ahead (futures still alive) would pass ``decode_ahead_bytes``, the
+        call waits (a stream reader then stops reading: flow control pushes back).
+        """
+        done: Future[DecodedFrame]
+        try:
+            length = peek_header(frame_bytes).length  # plaintext bytes it will hold
+        except ReplicationError as err:  # apply_batch raises it (after its own checks)
+            done = Future()
+            done.set_exception(err)
+            return done
+        hold = self._ahead.take(length)  # waits while all streams together hold too much
+        if self._pool is not None:
+            done = self._pool.submit(self._decode_on_worker, frame_bytes)
+        else:
+            done = Future()
+            try:
+                done.set_result(self._worker_decoder().decode(frame_bytes))
+            except ReplicationError as err:
+                done.set_exception(err)
+        # given back by apply_batch once the frame is written, or when the future is
+        # dropped unused (a stream that ends with frames still queued)
+        _HOLDS[done] = hold
+        weakref.finalize(done, hold.release)
+        return done
+
+    def _decode_on_worker(self, frame_bytes: bytes) -> DecodedFrame:
+        return self._worker_decoder().decode(frame_bytes)
+
+    def _worker_decoder(self) -> FrameDecoder:
+        """The calling thread's decoder (a decoder reuses a zstd context: one per thread)."""
+        decoder = getattr(self._local, "decoder", None)
+        if decoder is None:
+            decoder = self._local.decoder = FrameDecoder(self._secret)
+        return decoder
+
     def apply(self, volume: str, session: bytes, seq: int, frame_bytes: bytes) -> ApplyResult:
         """Verify one frame and write it if it is the next one; see the module docstring."""
+        return self.apply_batch(volume, session, [(seq, frame_bytes, None)])[0]
+
+    def apply_batch(
+        self,
+        volume: str,
+        session: bytes,
+        frames: Sequence[tuple[int, bytes, Future[DecodedFrame] | None]],
+    ) -> list[ApplyResult]:
+        """Apply ``(seq, frame bytes, predecoded or None)`` of one session, in order.
+
+        The same results and errors as :meth:`apply` frame by frame: at the first
+        frame that fails, the frames before it are applied and its error is raised.
+        Faster: every frame is verified first, then the undo of every range is
+        journaled with ONE journal fsync (J1: before any of these writes is issued),
+        then the frames are written.
+        """
         state = self._sessions.get((volume, bytes(session)))
         if state is None:
             raise SessionNotOpenError(
                 f"session {bytes(session).hex()} on volume {volume!r} is not open",
                 hint="send OpenSession first",
             )
-        frame = self._verify(state, seq, frame_bytes)
+        results: list[ApplyResult] = []
+        writes: list[DecodedFrame] = []
+        failure: Exception | None = None
+        for seq, frame_bytes, decoded in frames:
+            try:
+                result, frame = self._admit(state, seq, frame_bytes, decoded)
+            except Exception as err:  # the admitted frames before it are still written
+                failure = err
+                break
+            results.append(result)
+            if frame is not None:
+                writes.append(frame)
+        try:
+            if writes:
+                self._write_batch(volume, writes, state.block_size)
+        finally:
+            for _seq, _frame, decoded in frames:  # the plaintext is no longer needed
+                hold = _HOLDS.get(decoded) if decoded is not None else None
+                if hold is not None:
+                    hold.release()
+        if failure is not None:
+            raise failure
+        return results
+
+    def _admit(
+        self,
+        state: _Session,
+        seq: int,
+        frame_bytes: bytes,
+        decoded: Future[DecodedFrame] | None,
+    ) -> tuple[ApplyResult, DecodedFrame | None]:
+        """Verify and classify one frame; return its result and the frame to write (if any).
+
+        Advances the session's applied seq: the caller writes the returned frames
+        before anything is committed (a failed write forgets the volume's progress).
+        """
+        frame = self._verify(state, seq, frame_bytes, decoded)
         tag = bytes(frame_bytes[-TAG_SIZE:])
         if seq <= state.applied_seq:
-            return self._resent(state, seq, tag)
+            return self._resent(state, seq, tag), None
         if seq != state.applied_seq + 1:
             raise FrameGapError(
-                f"frame seq {seq} on {volume!r}: expected {state.applied_seq + 1}",
+                f"frame seq {seq} on {state.volume!r}: expected {state.applied_seq + 1}",
                 hint=f"resume from persisted seq {state.persisted_seq} + 1",
             )
+        write: DecodedFrame | None = None
         if frame.marker:  # never written: a boundary for the recovery history
-            self.markers.append((volume, state.block_size, parse_marker(frame.data)))
+            self.markers.append((state.volume, state.block_size, parse_marker(frame.data)))
         else:
-            self._write(volume, frame, state.block_size)
+            self._check_range(state.volume, frame)
+            write = frame
         state.applied_seq = seq
         state.pending[seq] = tag
-        self._touched.add(volume)
-        return ApplyResult(seq, APPLIED, state.persisted_seq)
+        self._touched.add(state.volume)
+        return ApplyResult(seq, APPLIED, state.persisted_seq), write
 
-    def _verify(self, state: _Session, seq: int, frame_bytes: bytes) -> DecodedFrame:
+    def _verify(
+        self,
+        state: _Session,
+        seq: int,
+        frame_bytes: bytes,
+        decoded: Future[DecodedFrame] | None = None,
+    ) -> DecodedFrame:
         """Check the header binds the frame here, then authenticate and decode it."""
         header = peek_header(frame_bytes)
         if header.seq != seq:
@@ -377,6 +563,8 @@ class Applier:
             raise FrameAuthError(
                 f"frame seq {seq} is for disk {header.disk_id.hex()}, not volume {state.volume!r}"
             )
+        if decoded is not None:
+            return decoded.result()  # raises the decoder's typed error
         return self._decoder.decode(frame_bytes)
 
     def _resent(self, state: _Session, seq: int, tag: bytes) -> ApplyResult:
@@ -392,24 +580,29 @@ class Applier:
             )
         return ApplyResult(seq, DUPLICATE, state.persisted_seq)
 
-    def _write(self, volume: str, frame: DecodedFrame, block_size: int) -> None:
-        disk = self._disk(volume)
-        length = len(frame.data)
-        if frame.offset + length > disk.virtual_size:
+    def _check_range(self, volume: str, frame: DecodedFrame) -> None:
+        size = self._disk(volume).virtual_size
+        end = frame.offset + len(frame.data)
+        if end > size:
             raise OutOfRangeError(
-                f"frame seq {frame.seq} writes [{frame.offset}, {frame.offset + length}) "
-                f"past the end of volume {volume!r} ({disk.virtual_size} bytes)"
+                f"frame seq {frame.seq} writes [{frame.offset}, {end}) "
+                f"past the end of volume {volume!r} ({size} bytes)"
             )
+
+    def _write_batch(self, volume: str, frames: list[DecodedFrame], block_size: int) -> None:
+        """Journal the undo of every frame (one fsync), then write them in order (E6)."""
+        disk = self._disk(volume)
         history = self._history(volume, block_size)
         with self._volume_errors(volume, "write"):
-            if history is not None:  # undo first, durably (design.md E6)
-                history.before_write(disk, frame.offset, length)
-            if not np.frombuffer(frame.data, dtype=np.uint8).any():
-                disk.write_zeroes(frame.offset, length)  # sparse volumes stay sparse
-            else:
-                disk.write(frame.offset, frame.data)
-            if history is not None:
-                history.after_write(frame.offset, frame.data, disk.read)
+            if history is not None:  # undo first, durably, for the whole batch
+                history.before_writes(disk, [(f.offset, len(f.data)) for f in frames])
+            for frame in frames:
+                if _all_zeros(frame):
+                    disk.write_zeroes(frame.offset, len(frame.data))  # sparse stays sparse
+                else:
+                    disk.write(frame.offset, frame.data)
+                if history is not None:
+                    history.after_write(frame.offset, frame.data, disk.read)
 
     # -- recovery history -----------------------------------------------------------
 
@@ -425,6 +618,7 @@ class Applier:
                 block_size,
                 self._policy,
                 clock=self._clock,
+                scratch=self._scratch,
             )
             self._histories[volume] = history
         return history
@@ -465,6 +659,28 @@ class Applier:
         for volume in sorted(self._touched):
             with self._volume_errors(volume, "flush"):
                 self._disks[volume].flush()
+        return self._record_progress()
+
+    def commit_each(self) -> tuple[dict[SessionKey, int], dict[str, ReplicationError]]:
+        """Like :meth:`commit`, but a volume that fails to flush holds back no other.
+
+        Every touched volume is flushed; one that fails has its unrecorded progress
+        forgotten (as :meth:`commit` does) and its error returned instead of raised;
+        the progress of the others is then recorded. Returns the persisted seqs and
+        ``{volume: error}``. A failure to record (the state's device) still raises.
+        For a master target applying many sessions at once: one commit for all.
+        """
+        failed: dict[str, ReplicationError] = {}
+        for volume in sorted(self._touched):
+            try:
+                with self._volume_errors(volume, "flush"):
+                    self._disks[volume].flush()
+            except ReplicationError as err:
+                failed[volume] = err
+        return self._record_progress(), failed
+
+    def _record_progress(self) -> dict[SessionKey, int]:
+        """Points, then the apply state, for everything flushed (see :meth:`commit`)."""
         # before recording: a crash in between resends the marker, and the point is made
         self._record_points()
         progress = [s for s in self._sessions.values() if s.applied_seq > s.persisted_seq]
@@ -500,6 +716,8 @@ class Applier:
             if s.volume == volume:
                 s.forget_pending()
         self._touched.discard(volume)
+        # a marker of forgotten progress is resent with its frames: no point from it now
+        self.markers = [m for m in self.markers if m[0] != volume]
 
     def _drop_disk(self, volume: str) -> None:
         """Close a volume's handle after a failure; the next frame reopens it from disk.
@@ -565,6 +783,8 @@ class Applier:
 
     def close(self) -> None:
         """Close volumes and the state database WITHOUT committing (like a crash would)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         for history in self._histories.values():
             history.close()
         self._histories.clear()
@@ -580,6 +800,30 @@ class Applier:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_digest(length: int) -> bytes:
+    """XXH3-128 of ``length`` zero bytes (hashed in 1 MiB pieces, no big buffer)."""
+    h, chunk = xxhash.xxh3_128(), bytes(min(length, 1 << 20))
+    for pos in range(0, length, len(chunk)):
+        h.update(memoryview(chunk)[: min(len(chunk), length - pos)])
+    return h.digest()
+
+
+def _all_zeros(frame: DecodedFrame) -> bool:
+    """Whether a frame's data is all zeros; free for the usual non-zero frame.
+
+    The decoder verified ``frame.digest`` against the data, and equal bytes hash
+    equal: a digest other than the zeros' proves non-zero data without a scan. Only
+    a frame that hashes like zeros is scanned (so a collision can never turn data
+    into zeros).
+    """
+    data = frame.data
+    if frame.digest and frame.digest != _zero_digest(len(data)):
+        return False
+    words = np.frombuffer(data, dtype=np.uint64 if len(data) % 8 == 0 else np.uint8)
+    return not words.any()
 
 
 def _check_salt(session: bytes) -> bytes:

@@ -311,6 +311,10 @@ class DecodedFrame:
     header: FrameHeader
     #: a marker record (epoch boundary, tag), not disk content: never written
     marker: bool = False
+    #: XXH3-128 of ``data`` (canonical form), verified: equal content has an equal
+    #: digest, so a digest other than the zero digest of ``len(data)`` proves the data
+    #: is not all zeros without scanning it
+    digest: bytes = b""
 
 
 class FrameEncoder:
@@ -513,7 +517,8 @@ class FrameDecoder:
             ) from err
         body = memoryview(plain)[DIGEST_SIZE:]
         data = self._decompress(header, body) if header.compressed else plain[DIGEST_SIZE:]
-        if _digest(data) != plain[:DIGEST_SIZE]:
+        digest = plain[:DIGEST_SIZE]
+        if _digest(data) != digest:
             raise ChecksumMismatch(
                 f"frame seq {header.seq}: plaintext digest mismatch at offset {header.offset}"
             )
@@ -524,6 +529,7 @@ class FrameDecoder:
             compressed=header.compressed,
             header=header,
             marker=header.marker,
+            digest=digest,
         )
 
     def _decompress(self, header: FrameHeader, body: memoryview) -> bytes:

@@ -17,6 +17,15 @@ from replication.volumes import VolumeRegistry
 
 from .service import ControlService, MasterTargetService
 
+#: threads decoding frames besides the streams' readers. 0: each Apply stream's reader
+#: thread decodes what it reads (AES-GCM, zstd and XXH3 release the GIL), overlapping
+#: with the writes of the previous batch; a pool of 2 used 20-25 % more CPU for no
+#: gain on this 2-core machine (docs/benchmarks.md)
+DECODE_WORKERS = 0
+#: RPC threads: every Apply stream (one per session being forwarded) holds one for its
+#: whole life, so this bounds the sessions applied at once (fan-in of many sources)
+RPC_WORKERS = 256
+
 DEFAULTS: dict[str, Any] = {
     "listen": "0.0.0.0:9444",
     "data_dir": Path("/var/lib/replication/master-target"),
@@ -55,6 +64,7 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
         secret,
         history_dir=data_dir / "history",
         policy=policy,
+        decode_workers=DECODE_WORKERS,
     )
     lock = threading.Lock()
 
@@ -64,7 +74,7 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
             ControlService(registry, applier, lock), server
         )
 
-    server, port, _ = create_server(settings["listen"], identity, add)
+    server, port, _ = create_server(settings["listen"], identity, add, workers=RPC_WORKERS)
     metrics = start_metrics(settings["metrics_listen"])
     log.info(
         "event=listening port=%d metrics_port=%s volumes=%s",

@@ -2,27 +2,48 @@
 
 Each method converts the request with ``replication.wire``, calls the library, and
 converts back; a :class:`ReplicationError` becomes a gRPC status with its stable
-code. The applier is not thread-safe, so one lock serialises every call into it
-(one master target applies a few sessions at a time; fsync dominates anyway).
+code. The applier is not thread-safe, so one lock serialises every call into it.
+
+``Apply`` is a pipeline on two threads: the stream reader converts each message and
+decodes its frame (``Applier.predecode``: AES-GCM, zstd and XXH3 release the GIL;
+on the reader itself, or on a pool if the applier has one); the handler takes what
+has arrived, up to ``MAX_BATCH`` frames, applies it under the lock (one journal
+fsync per ``MAX_JOURNAL_BYTES``, then the writes) and waits for a commit (volumes
+flushed, then the apply state) before it acks PERSISTED. So the next batch is
+decoded while this one is written and fsynced, and a batch is as large as what
+arrived meanwhile.
+Commits are shared by every stream (:class:`GroupCommit`): with many sources each
+applying small batches, one round flushes every touched volume and records every
+session in one SQLite transaction.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import grpc
 
 from replication import metrics, tls, wire
 from replication.disks import open_disk
 from replication.errors import RemoteProtocolError, ReplicationError
+from replication.frame import peek_header
 from replication.protocol import AckLevel, Hello
 from replication.server import abort_with, answer_handshake
 from replication.streams import batches
 from replication.v1 import control_pb2, control_pb2_grpc, data_pb2_grpc
 
 ROLE = "master-target"
+#: frames taken at once from a stream (what arrived meanwhile, up to this many): one
+#: commit and one ack each; as many are read ahead (decoding, memory bounded by the
+#: applier)
+MAX_BATCH = 32
+#: plaintext bytes applied per journal fsync (the undo of a batch is made durable in
+#: steps of this size, each before its own volume writes are issued)
+MAX_JOURNAL_BYTES = 8 << 20
 
 
 class MasterTargetService(data_pb2_grpc.MasterTargetServicer):
@@ -31,6 +52,7 @@ class MasterTargetService(data_pb2_grpc.MasterTargetServicer):
     def __init__(self, applier, lock: threading.Lock) -> None:
         self._applier = applier
         self._lock = lock
+        self._commits = GroupCommit(applier, lock)
 
     def Handshake(self, request, context):
         tls.require_role(context, "process-server")
@@ -66,32 +88,186 @@ class MasterTargetService(data_pb2_grpc.MasterTargetServicer):
 
     def _apply_stream(self, requests: Iterator) -> Iterator:
         opened: tuple[str, bytes] | None = None
-        for batch in batches(requests):
-            with self._lock:
-                for pb in batch:
-                    opened = self._handle(wire.source_message_from_pb(pb), opened)
-                persisted = self._applier.commit()  # fsync, then record: ack after both
-            if opened is not None and opened in persisted:
-                volume, session = opened
-                yield wire.ack_to_pb(
-                    wire.AckMsg(volume, session, persisted[opened], AckLevel.PERSISTED)
-                )
+        acked: dict[tuple[str, bytes], int] = {}
+        try:
+            for arrived in batches(
+                requests, max_items=MAX_BATCH, queue_size=MAX_BATCH, prepare=self._prepare
+            ):
+                for batch in _by_bytes(arrived, MAX_JOURNAL_BYTES):  # one journal fsync each
+                    with self._lock:
+                        try:
+                            opened = self._handle_batch(batch, opened)
+                        finally:
+                            batch.clear()  # no decoded frame kept while the next one comes
+                        if opened is not None:
+                            self._commits.track(opened)  # before any round can commit it
+                arrived.clear()
+                if opened is None:
+                    continue
+                with self._lock:
+                    ticket = self._commits.ticket(opened)
+                acked.setdefault(opened, 0)
+                # flushed, then recorded (with every stream's frames applied meanwhile)
+                persisted = self._commits.wait(ticket, opened)
+                if persisted > acked[opened]:
+                    acked[opened] = persisted
+                    volume, session = opened
+                    yield wire.ack_to_pb(
+                        wire.AckMsg(volume, session, persisted, AckLevel.PERSISTED)
+                    )
+        finally:
+            self._commits.forget(acked)
 
-    def _handle(self, msg, opened):
-        if isinstance(msg, wire.OpenMsg):
-            self._applier.open_session(msg.volume, msg.session, msg.block_size, msg.volume_size)
-            return (msg.volume, msg.session)
-        if opened is None:
-            raise RemoteProtocolError("frame before OpenSession")
+    def _prepare(self, pb) -> tuple[object, Future | None, int]:
+        """On the stream reader: convert, and decode a frame (or start it on the pool)."""
+        msg = wire.source_message_from_pb(pb)
         if isinstance(msg, wire.FrameMsg):
-            try:
-                self._applier.apply(opened[0], opened[1], msg.seq, msg.frame)
-            except ReplicationError as err:
-                metrics.REJECTED.labels(err.code).inc()
-                raise
-            metrics.FRAMES.labels("in").inc()
-            metrics.BYTES.labels("in").inc(len(msg.frame))
+            return msg, self._applier.predecode(msg.frame), _plaintext_bytes(msg.frame)
+        return msg, None, 0
+
+    def _handle_batch(self, batch, opened):
+        """Apply a batch in order: runs of frames at once, opens and closes between them."""
+        frames: list = []
+        for msg, decoded, _size in batch:
+            if isinstance(msg, wire.FrameMsg):
+                if opened is None:
+                    raise RemoteProtocolError("frame before OpenSession")
+                frames.append((msg.seq, msg.frame, decoded))
+                continue
+            self._apply_frames(opened, frames)
+            frames = []
+            if isinstance(msg, wire.OpenMsg):
+                opened = (msg.volume, msg.session)
+                persisted = self._applier.open_session(*opened, msg.block_size, msg.volume_size)
+                # acked again on this stream: a relay whose last ack was lost learns it
+                # even when everything it resends is older (nothing new to commit)
+                self._commits.known(opened, persisted)
+        self._apply_frames(opened, frames)
         return opened
+
+    def _apply_frames(self, opened, frames: list) -> None:
+        if not frames:
+            return
+        try:
+            self._applier.apply_batch(opened[0], opened[1], frames)
+        except ReplicationError as err:
+            metrics.REJECTED.labels(err.code).inc()
+            raise
+        metrics.FRAMES.labels("in").inc(len(frames))
+        metrics.BYTES.labels("in").inc(sum(len(f[1]) for f in frames))
+
+
+def _plaintext_bytes(frame: bytes) -> int:
+    """The plaintext a frame carries, from its clear header (0 if it has none)."""
+    try:
+        return peek_header(frame).length
+    except ReplicationError:
+        return 0  # refused when applied, with its own error
+
+
+def _by_bytes(arrived: list, limit: int) -> Iterator[list]:
+    """Split what arrived into batches of at most ``limit`` plaintext bytes (one at least)."""
+    batch: list = []
+    size = 0
+    for item in arrived:
+        if batch and size + item[2] > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item[2]
+    if batch:
+        yield batch
+
+
+class GroupCommit:
+    """One commit for every Apply stream that applied frames meanwhile.
+
+    A stream applies a batch under the applier lock and takes a *ticket*; then
+    :meth:`wait` returns once a commit covering that ticket is done. If no commit
+    is running, the caller leads one: under the lock it flushes every touched
+    volume and records every session's progress in one transaction
+    (``Applier.commit_each``), so N streams pay one apply-state fsync, not N, and
+    each volume is flushed once per round however many batches it got. A volume
+    whose flush failed fails only the streams of that volume; a failure to record
+    fails every stream of the round. Errors reach each stream as its own copy.
+    """
+
+    def __init__(self, applier, lock: threading.Lock) -> None:
+        self._applier = applier
+        self._lock = lock
+        self._cond = threading.Condition()
+        self._tickets = 0  # batches applied so far
+        self._done = 0  # every ticket up to this one is committed (or failed)
+        self._leading = False
+        self._persisted: dict[tuple[str, bytes], int] = {}  # sessions of live streams
+        # recent failed rounds: (first, last ticket covered, {volume or None (all): error})
+        self._failed: collections.deque[tuple[int, int, dict[str | None, ReplicationError]]] = (
+            collections.deque(maxlen=256)
+        )
+
+    def track(self, session: tuple[str, bytes]) -> None:
+        """Follow ``session``'s persisted seq (applier lock held, with its frames applied)."""
+        with self._cond:
+            self._persisted.setdefault(session, 0)
+
+    def ticket(self, session: tuple[str, bytes]) -> int:
+        """Take a ticket for the batches of ``session`` applied so far (applier lock held)."""
+        with self._cond:
+            self._persisted.setdefault(session, 0)
+            self._tickets += 1
+            return self._tickets
+
+    def known(self, session: tuple[str, bytes], persisted: int) -> None:
+        """``session`` is durable up to ``persisted`` already (its Open said so)."""
+        with self._cond:
+            self._persisted[session] = max(self._persisted.get(session, 0), persisted)
+
+    def wait(self, ticket: int, session: tuple[str, bytes]) -> int:
+        """Return ``session``'s persisted seq once ``ticket`` is committed; raise its failure."""
+        with self._cond:
+            while self._done < ticket and self._leading:
+                self._cond.wait()
+            lead = self._done < ticket
+            self._leading |= lead
+        if lead:
+            self._commit_round()
+        with self._cond:
+            # the round that covered the ticket, if it failed
+            failed = next((f for a, b, f in self._failed if a <= ticket <= b), {})
+            err = failed.get(session[0]) or failed.get(None)
+            if err is not None:
+                raise type(err)(err.message, hint=err.hint)
+            return self._persisted.get(session, 0)
+
+    def _commit_round(self) -> None:
+        persisted: dict[tuple[str, bytes], int] = {}
+        failed: dict[str | None, ReplicationError] = {}
+        first = end = 0
+        try:
+            with self._lock:
+                with self._cond:
+                    first, end = self._done + 1, self._tickets  # all applied
+                try:
+                    persisted, by_volume = self._applier.commit_each()
+                    failed.update(by_volume)
+                except ReplicationError as err:
+                    failed[None] = err
+        finally:
+            with self._cond:
+                for key, seq in persisted.items():
+                    if key in self._persisted:  # a session some live stream waits for
+                        self._persisted[key] = seq
+                if failed:
+                    self._failed.append((first, end, failed))
+                self._done = max(self._done, end)
+                self._leading = False
+                self._cond.notify_all()
+
+    def forget(self, sessions) -> None:
+        """A stream ended: drop what it tracked (the applier keeps the durable state)."""
+        with self._cond:
+            for key in sessions:
+                self._persisted.pop(key, None)
 
 
 class ControlService(control_pb2_grpc.ControlServicer):

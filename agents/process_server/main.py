@@ -16,6 +16,10 @@ from replication.v1 import control_pb2_grpc, data_pb2_grpc
 from .relay import Relay
 from .service import ProcessServerControl, ProcessServerService
 
+#: RPC threads: every source's Replicate stream holds one for its whole life, so this
+#: bounds the sources served at once (a fan-in of 100 sources needs 100 of them)
+RPC_WORKERS = 256
+
 DEFAULTS: dict[str, Any] = {
     "listen": "0.0.0.0:9443",
     "master_target": None,
@@ -61,7 +65,7 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
         )
         control_pb2_grpc.add_ControlServicer_to_server(ProcessServerControl(relay), server)
 
-    server, port, _ = create_server(settings["listen"], identity, add)
+    server, port, _ = create_server(settings["listen"], identity, add, workers=RPC_WORKERS)
     relay.resume_all()
     metrics = start_metrics(settings["metrics_listen"])
     log.info("event=listening port=%d metrics_port=%s spool=%s", port, metrics, spool_dir)

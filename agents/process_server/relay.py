@@ -8,6 +8,13 @@ spool space) and into PERSISTED acks for the source, if it is still connected.
 After a restart, every session with unforwarded frames gets its forwarder back
 (``resume_all``), so nothing spooled is lost. The relay never holds a frame key.
 
+Frames just spooled are also kept in memory (up to ``FORWARD_CACHE_BYTES`` for all
+sessions) and forwarded from there, so a master target that keeps up never makes
+the relay read its spool back. Only frames the spool's fsync made durable enter
+the cache (the same ones ``Spool.pending`` would yield), byte for byte what was
+spooled; the spool stays the durable copy, used after a cut, a restart, or when
+the cache was full.
+
 Failures are sorted by the error registry's ``retryable`` flag, decided where the
 error was born (``replication.errors``):
 
@@ -29,6 +36,7 @@ import json
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +63,14 @@ log = logging.getLogger("process-server")
 
 SessionKey = tuple[str, bytes]
 
+#: seconds a PERSISTED seq may wait before it is written to the spool's cursor (acks of
+#: one session within it share one cursor write); sources get their acks at once
+MARK_INTERVAL = 0.2
+#: bytes of spooled frames kept in memory for the forwarders (all sessions together)
+FORWARD_CACHE_BYTES = 16 << 20
+#: frames a forwarder takes per turn (from memory or from the spool)
+FORWARD_BATCH = 16
+
 
 @dataclass(frozen=True)
 class SessionMeta:
@@ -72,38 +88,63 @@ class SessionMeta:
 
 
 class SessionBook:
-    """Sessions known to this process server, kept in ``sessions.json`` (write-then-rename)."""
+    """Sessions known to this process server, kept in ``sessions.json`` (write-then-rename).
+
+    :meth:`put` changes memory only; :meth:`save` makes every change so far durable,
+    outside the relay's lock, and concurrent savers share one write (group commit):
+    a saver whose change another saver's write already covered returns at once.
+    Thread-safe.
+    """
 
     def __init__(self, directory: Path) -> None:
         self._path = directory / "sessions.json"
         self._sessions: dict[SessionKey, SessionMeta] = {}
+        self._mem = threading.Lock()
+        self._save_lock = threading.Lock()
+        self._changes = 0  # puts and forgets so far
+        self._saved = 0  # changes covered by the file
         if self._path.exists():
             for rec in json.loads(self._path.read_text()):
                 meta = SessionMeta(**rec)
                 self._sessions[meta.key] = meta
 
     def put(self, meta: SessionMeta) -> None:
-        """Record ``meta`` durably; on failure nothing changes (a typed spool error)."""
-        old = self._sessions.get(meta.key)
-        self._sessions[meta.key] = meta
-        doc = json.dumps([asdict(m) for m in self._sessions.values()])
-        try:
-            write_atomically(self._path, doc.encode())
-        except OSError as err:
-            # not durable, so not known: the source's next Open or Close writes it again
-            if old is None:
-                del self._sessions[meta.key]
-            else:
-                self._sessions[meta.key] = old
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolDiskFullError(f"no space to save {self._path}") from err
-            raise SpoolError(f"save {self._path}: {err}") from err
+        """Record ``meta`` in memory (durable after the next :meth:`save`)."""
+        with self._mem:
+            self._sessions[meta.key] = meta
+            self._changes += 1
+
+    def forget(self, key: SessionKey) -> None:
+        """Drop ``key`` from memory; the next :meth:`save` writes the book without it."""
+        with self._mem:
+            if self._sessions.pop(key, None) is not None:
+                self._changes += 1
+
+    def save(self) -> None:
+        """Make every change made before this call durable; raise a typed spool error."""
+        with self._mem:
+            wanted = self._changes
+        with self._save_lock:
+            if self._saved >= wanted:
+                return  # written meanwhile by another saver
+            with self._mem:
+                doc = json.dumps([asdict(m) for m in self._sessions.values()])
+                version = self._changes
+            try:
+                write_atomically(self._path, doc.encode())
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpoolDiskFullError(f"no space to save {self._path}") from err
+                raise SpoolError(f"save {self._path}: {err}") from err
+            self._saved = version
 
     def get(self, key: SessionKey) -> SessionMeta | None:
-        return self._sessions.get(key)
+        with self._mem:
+            return self._sessions.get(key)
 
     def all(self) -> list[SessionMeta]:
-        return list(self._sessions.values())
+        with self._mem:
+            return list(self._sessions.values())
 
 
 class Relay:
@@ -113,11 +154,26 @@ class Relay:
         self._spool = spool
         self._book = SessionBook(spool_dir)
         self._target_stub = target_stub
-        self._lock = threading.Condition()
+        # one mutex; sources waiting for spool space wait on _lock, each forwarder on
+        # its own condition (a new frame wakes only its forwarder, not all of them)
+        self._mutex = threading.RLock()
+        self._lock = threading.Condition(self._mutex)
+        self._ready: dict[SessionKey, threading.Condition] = {}
         self._forwarders: dict[SessionKey, threading.Thread] = {}
         self._subscribers: dict[SessionKey, queue.Queue[object]] = {}
         self._stopping = threading.Event()
         self.parking = ParkingLot()
+        # durable frames not forwarded yet, in memory: session -> seq -> frame
+        self._recent: dict[SessionKey, OrderedDict[int, bytes]] = {}
+        self._recent_bytes = 0
+        # PERSISTED seqs from the master target; those not yet in the spool's cursor
+        self._acked: dict[SessionKey, int] = {}
+        self._unmarked: dict[SessionKey, int] = {}
+        self._space_wanted = False  # an ingest waits for spool space
+        self._mark_due = threading.Event()
+        self._mark_now = threading.Event()
+        self._marker = threading.Thread(target=self._mark_loop, daemon=True, name="mark")
+        self._marker.start()
 
     # -- source side -----------------------------------------------------------------
 
@@ -125,11 +181,37 @@ class Relay:
         meta = SessionMeta(msg.volume, msg.session.hex(), msg.block_size, msg.volume_size)
         self._refuse_if_parked(meta.key)
         with self._lock:
-            known = self._book.get(meta.key)
-            if known is None:
+            new = self._book.get(meta.key) is None
+            if new:
+                self._prune_finished()  # the next save writes the book without them
                 self._book.put(meta)
+        if new:
+            try:
+                self._book.save()  # durable before any frame of it is RECEIVED
+            except ReplicationError:
+                # not durable, so not known: the source's next Open writes it again
+                with self._lock:
+                    self._book.forget(meta.key)
+                raise
+        with self._lock:
             self._start_forwarder(meta.key)
         return meta.key
+
+    def _prune_finished(self) -> None:
+        """Forget sessions that are closed, all persisted, and no longer forwarded (lock held).
+
+        Every epoch of a tracked disk is a new session: without this the book, and
+        the file rewritten at every open, would grow by one entry per epoch forever.
+        A forgotten session's spool state stays (``GetSessionState`` still answers).
+        """
+        for meta in self._book.all():
+            forwarder = self._forwarders.get(meta.key)
+            if (forwarder is None or not forwarder.is_alive()) and self._finished_locked(meta.key):
+                self._book.forget(meta.key)
+                self._forwarders.pop(meta.key, None)
+                self._ready.pop(meta.key, None)
+                if meta.key not in self._unmarked:  # the spool's cursor has it now
+                    self._acked.pop(meta.key, None)
 
     def accept(self, key: SessionKey, frames: list[wire.FrameMsg]) -> int:
         """Spool frames durably; return the highest contiguous RECEIVED seq.
@@ -164,16 +246,60 @@ class Relay:
 
         Return what the sync made durable, and whether any frame was new (not a resend).
         """
-        appended = False
+        new: list[wire.FrameMsg] = []
         for msg in frames:
             header = peek_header(msg.frame)  # validates the header; no key needed
             if header.seq != msg.seq or header.salt != key[1]:
                 raise RemoteProtocolError("frame header does not match its session or seq")
-            appended |= self._append_waiting_for_space(key, msg)
+            if self._append_waiting_for_space(key, msg):
+                new.append(msg)
         with self._lock:
             synced = self._spool.sync()
-            self._lock.notify_all()  # forwarders: new frames to send
-        return synced, appended
+            self._remember(key, new)  # durable now: the forwarder may send them
+            self._ready_for(key).notify()  # its forwarder: new frames to send
+        return synced, bool(new)
+
+    def _ready_for(self, key: SessionKey) -> threading.Condition:
+        """The condition ``key``'s forwarder waits on for new frames (lock held)."""
+        cond = self._ready.get(key)
+        if cond is None:
+            cond = self._ready[key] = threading.Condition(self._mutex)
+        return cond
+
+    def _wake_forwarders(self) -> None:
+        for cond in self._ready.values():
+            cond.notify_all()
+
+    def _remember(self, key: SessionKey, frames: list[wire.FrameMsg]) -> None:
+        """Keep durable frames in memory for the forwarder, while the budget allows."""
+        recent = self._recent.setdefault(key, OrderedDict())
+        for msg in frames:
+            if self._recent_bytes + len(msg.frame) > FORWARD_CACHE_BYTES:
+                return  # the forwarder reads the rest from the spool
+            recent[msg.seq] = msg.frame
+            self._recent_bytes += len(msg.frame)
+
+    def _take_recent(self, key: SessionKey, after: int) -> list[tuple[int, bytes]]:
+        """Pop the frames ``after + 1, after + 2, ...`` kept in memory (lock held)."""
+        recent = self._recent.get(key)
+        taken: list[tuple[int, bytes]] = []
+        while recent and len(taken) < FORWARD_BATCH:
+            frame = recent.pop(after + 1 + len(taken), None)
+            if frame is None:
+                break
+            self._recent_bytes -= len(frame)
+            taken.append((after + len(taken) + 1, frame))
+        return taken
+
+    def _forget_recent(self, key: SessionKey, upto: int | None = None) -> None:
+        """Drop kept frames of ``key`` at or below ``upto`` (all of them: None; lock held)."""
+        recent = self._recent.get(key)
+        if recent is None:
+            return
+        for seq in [s for s in recent if upto is None or s <= upto]:
+            self._recent_bytes -= len(recent.pop(seq))
+        if not recent:
+            del self._recent[key]
 
     def _append_waiting_for_space(self, key: SessionKey, msg: wire.FrameMsg) -> bool:
         """Spool one frame; return True if it was new (False: a resend already spooled)."""
@@ -192,8 +318,13 @@ class Relay:
                     # Sync first: forwarders send only durable frames, and the frames of
                     # this batch already appended may be all that could free it.
                     self._spool.sync()
-                    self._lock.notify_all()
+                    self._wake_forwarders()  # every session's appends are durable now
+                    for unmarked in list(self._unmarked.items()):  # frees what it can
+                        self._mark(*unmarked)
+                    self._unmarked.clear()
+                    self._space_wanted = True  # later acks are marked at once
                     self._lock.wait(0.5)
+                    self._space_wanted = False
 
     def _refuse_if_parked(self, key: SessionKey) -> None:
         refusal = self.parking.refusal(key)
@@ -203,15 +334,18 @@ class Relay:
     def close(self, key: SessionKey, last_seq: int) -> None:
         with self._lock:
             meta = self._book.get(key)
-            if meta is not None and meta.last_seq != last_seq:
+            changed = meta is not None and meta.last_seq != last_seq
+            if changed:
                 self._book.put(SessionMeta(**{**asdict(meta), "last_seq": last_seq}))
-            self._lock.notify_all()
+            self._ready_for(key).notify_all()  # its forwarder may be finished now
+        if changed:
+            self._book.save()  # (a failure leaves memory right; the next save retries)
 
     def subscribe(self, key: SessionKey, q: queue.Queue[object]) -> queue.Queue[object]:
         """Send this session's PERSISTED acks to ``q`` (starting with the current one)."""
         with self._lock:
             self._subscribers[key] = q
-            persisted = self._spool.state(*key)[1]
+            persisted = self._state_locked(key)[1]
         if persisted:
             q.put(wire.AckMsg(key[0], key[1], persisted, AckLevel.PERSISTED))
         return q
@@ -229,7 +363,11 @@ class Relay:
     def state(self, key: SessionKey) -> tuple[int, int]:
         """Return (received_seq, persisted_seq) as this process server knows them."""
         with self._lock:
-            return self._spool.state(*key)
+            return self._state_locked(key)
+
+    def _state_locked(self, key: SessionKey) -> tuple[int, int]:
+        received, persisted = self._spool.state(*key)
+        return received, max(persisted, self._acked.get(key, 0))
 
     # -- forwarding ------------------------------------------------------------------
 
@@ -243,11 +381,16 @@ class Relay:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._mark_due.set()
+        self._mark_now.set()
         with self._lock:
             self._lock.notify_all()
+            self._wake_forwarders()
             threads = list(self._forwarders.values())
         for t in threads:
             t.join(timeout=10)
+        self._marker.join(timeout=10)
+        self._mark_pending()  # what the last acks persisted
 
     def _start_forwarder(self, key: SessionKey) -> None:
         t = self._forwarders.get(key)
@@ -298,6 +441,7 @@ class Relay:
             refusal.message,
         )
         with self._lock:
+            self._forget_recent(key)  # never forwarded again by this process
             sub = self._subscribers.get(key)
             self._lock.notify_all()  # an ingest waiting for spool space gives up
         if sub is not None:
@@ -305,8 +449,11 @@ class Relay:
 
     def _finished(self, key: SessionKey) -> bool:
         with self._lock:
-            meta = self._book.get(key)
-            _, persisted = self._spool.state(*key)
+            return self._finished_locked(key)
+
+    def _finished_locked(self, key: SessionKey) -> bool:
+        meta = self._book.get(key)
+        persisted = self._state_locked(key)[1]
         return meta is not None and meta.last_seq > 0 and persisted >= meta.last_seq
 
     def _forward_once(self, key: SessionKey) -> None:
@@ -323,20 +470,59 @@ class Relay:
             call.cancel()
 
     def _persisted(self, key: SessionKey, seq: int) -> None:
+        """The master target PERSISTED ``key`` up to ``seq``: tell the source at once.
+
+        The spool's cursor follows within ``MARK_INTERVAL`` (:meth:`_mark_loop`): a
+        cursor write costs two fsyncs under the relay's lock, and acks of one
+        session coming close together then share one. Until then this process
+        answers from memory (``_acked``); after a crash the frames in between are
+        forwarded again and the master target recognises them (design W2).
+        """
         log.debug("event=persisted volume=%s seq=%d", key[0], seq)
         self.parking.recovered(key)
         with self._lock:
-            try:
-                self._spool.mark_persisted(key[0], key[1], seq)
-            except SpoolDiskFullError as err:
-                # The cursor is right in memory and its file is retried at the next sync
-                # or ack; only the segments it would free stay until then.
-                log.warning("event=cursor_not_saved volume=%s error=%s", key[0], err.message)
-            metrics.SPOOL_BYTES.set(self._spool.used_bytes)
-            self._lock.notify_all()  # sources waiting for spool space
+            if seq > self._acked.get(key, 0):
+                self._acked[key] = seq
+                self._unmarked[key] = seq
+            self._forget_recent(key, seq)
             sub = self._subscribers.get(key)
+            space_wanted = self._space_wanted
+        if space_wanted:
+            self._mark_now.set()  # a source waits for space: no coalescing delay
+        self._mark_due.set()
         if sub is not None:
             sub.put(wire.AckMsg(key[0], key[1], seq, AckLevel.PERSISTED))
+
+    def _mark_loop(self) -> None:
+        """Write the PERSISTED seqs of the acks received into the spool's cursor."""
+        while not self._stopping.is_set():
+            self._mark_due.wait()
+            self._mark_now.wait(MARK_INTERVAL)  # let close acks of a session coalesce
+            self._mark_due.clear()
+            self._mark_now.clear()
+            self._mark_pending()
+
+    def _mark_pending(self) -> None:
+        with self._lock:
+            marks, self._unmarked = self._unmarked, {}
+        for key, seq in marks.items():
+            with self._lock:  # released between marks: ingests and forwarders go on
+                self._mark(key, seq)
+                if self._book.get(key) is None and key not in self._unmarked:
+                    self._acked.pop(key, None)  # pruned meanwhile: the cursor has it
+        with self._lock:
+            metrics.SPOOL_BYTES.set(self._spool.used_bytes)
+            self._lock.notify_all()  # sources waiting for spool space
+
+    def _mark(self, key: SessionKey, seq: int) -> None:
+        """``mark_persisted`` (lock held); never past what this spool made durable."""
+        seq = min(seq, self._spool.state(*key)[0])
+        try:
+            self._spool.mark_persisted(key[0], key[1], seq)
+        except SpoolDiskFullError as err:
+            # The cursor is right in memory and its file is retried at the next sync
+            # or ack; only the segments it would free stay until then.
+            log.warning("event=cursor_not_saved volume=%s error=%s", key[0], err.message)
 
     def _apply_requests(self, key: SessionKey) -> Iterator:
         meta = self._book.get(key)
@@ -347,11 +533,14 @@ class Relay:
         sent = self.state(key)[1]
         while not self._stopping.is_set():
             with self._lock:
-                batch = list(itertools.islice(self._spool.pending(key[0], key[1], sent), 16))
+                batch = self._take_recent(key, sent)
+                if not batch and self._spool.state(*key)[0] > sent:  # durable, not in memory
+                    pending = self._spool.pending(key[0], key[1], sent)
+                    batch = list(itertools.islice(pending, FORWARD_BATCH))
                 if not batch:
                     if self._finished(key):
                         return
-                    self._lock.wait(0.5)
+                    self._ready_for(key).wait(0.5)
                     continue
             for seq, frame in batch:
                 yield wire.source_message_to_pb(wire.FrameMsg(seq, frame))

@@ -39,6 +39,7 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
     def __init__(self, relay: Relay, target_stub) -> None:
         self._relay = relay
         self._target_stub = target_stub
+        self.streams = _StreamCount()
 
     def Handshake(self, request, context):
         tls.require_role(context, "source")
@@ -64,6 +65,7 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
             target=self._ingest, args=(request_iterator, outbox, state), daemon=True
         )
         worker.start()
+        self.streams.opened()
         try:
             while context.is_active():
                 try:
@@ -76,6 +78,7 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
                     abort_with(context, item)
                 yield wire.ack_to_pb(item)
         finally:
+            self.streams.closed()
             key, sub = state.get("key"), state.get("sub")
             if key is not None and sub is not None:
                 self._relay.unsubscribe(key, sub)  # type: ignore[arg-type]
@@ -116,6 +119,27 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
         if frames and key is not None:
             received = self._relay.accept(key, frames)  # type: ignore[arg-type]
             outbox.put(wire.AckMsg(key[0], key[1], received, AckLevel.RECEIVED))  # type: ignore[index]
+
+
+class _StreamCount:
+    """Replicate streams open now; each new high-water mark is logged (``streams_peak``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.open = 0
+        self.peak = 0
+
+    def opened(self) -> None:
+        with self._lock:
+            self.open += 1
+            if self.open <= self.peak:
+                return
+            self.peak = self.open
+        log.info("event=streams_peak streams=%d", self.peak)
+
+    def closed(self) -> None:
+        with self._lock:
+            self.open -= 1
 
 
 class ProcessServerControl(control_pb2_grpc.ControlServicer):

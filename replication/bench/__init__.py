@@ -11,7 +11,11 @@ by 10-25 % between runs (see /work/shared/perf-limits.md). Stages:
 * ``replicate``: source agent -> process server -> master target vs a bare gRPC TLS
   relay through three processes (:mod:`.replicate`, :mod:`.relay`);
 * ``memory``: each agent's peak RSS (:mod:`.memory`);
-* ``rpo``, ``failback``, ``fan-in``: registered, not yet available (:mod:`.stages`).
+* ``rpo``: per-epoch RPO of a tracked disk written through NBD at 20 and 50 MB/s
+  (:mod:`.rpo`);
+* ``fan-in``: 100 sources from one generator into one process server and master
+  target: concurrent streams, throughput, fairness (:mod:`.fanin`);
+* ``failback``: registered, not yet available (:mod:`.stages`).
 
 Images are deterministic (:mod:`.images`, fixed seeds). Results are a
 :class:`BenchResult`; :mod:`.report` turns it into a table, JSON and Markdown.

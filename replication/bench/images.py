@@ -13,7 +13,7 @@ import subprocess
 
 import numpy as np
 
-__all__ = ["BLOCK", "make_vhd", "mutate_image", "write_image"]
+__all__ = ["BLOCK", "make_vhd", "mutate_image", "realistic_pool", "write_image"]
 
 BLOCK = 65536
 CHUNK = 64 << 20
@@ -53,6 +53,30 @@ def write_image(path: str, size: int, seed: int = 7) -> None:
             else:
                 f.write(rng.bytes(run))
             pos += run
+
+
+def realistic_pool(size: int, seed: int = 13) -> bytes:
+    """Return ``size`` bytes of the images' mix (zeros, text, binary-like, random).
+
+    Load generators take their writes from slices of it: realistic content (the same
+    compression ratio as the images) without generating bytes on the hot path.
+    """
+    rng = np.random.default_rng(seed)
+    text = (_TEXT * (size // len(_TEXT) + 1))[:size]
+    out = bytearray(size)
+    pos = 0
+    while pos < size:
+        run = min(size - pos, int(rng.integers(1, 16)) * BLOCK)
+        kind = rng.choice(4, p=[0.30, 0.25, 0.30, 0.15])
+        if kind == 1:
+            start = int(rng.integers(0, 4096))
+            out[pos : pos + run] = text[start : start + run].ljust(run, b"\n")
+        elif kind == 2:
+            out[pos : pos + run] = _binary_like(rng, run)
+        elif kind == 3:
+            out[pos : pos + run] = rng.bytes(run)
+        pos += run  # kind 0: zeros
+    return bytes(out)
 
 
 def mutate_image(src: str, dst: str, fraction: float, seed: int = 11) -> list[int]:

@@ -44,6 +44,8 @@ __all__ = [
     "measure",
     "prepare",
     "run",
+    "start_daemons",
+    "verify_volume",
 ]
 
 THROUGHPUT = Target("ratio", ">=", 0.70, "product issue: e2e >= 0.70 x the bare TLS relay")
@@ -169,7 +171,7 @@ class AgentDeployment:
         size = ctx.size
         with create_disk(str(self.vmdk), size, format="vmdk", subformat="monolithicSparse") as v:
             v.flush()
-        self.daemons = _start_daemons(d, tls, self.vmdk)
+        self.daemons = start_daemons(d, tls, {VOLUME: self.vmdk})
         self._run: tuple | None = None
 
     def run_source(self) -> None:
@@ -198,7 +200,7 @@ class AgentDeployment:
         usage, log, cpu = self._run
         if usage.returncode != 0:
             raise ReplicationError(f"bench: source agent failed: {log.strip()[-400:]}")
-        _verify(self.vhd, self.vmdk)
+        verify_volume(self.vhd, self.vmdk)
         shutil.rmtree(self.dir)  # a GiB per round: do not keep it
         rss = {"source": usage.max_rss, **{k: u.max_rss for k, u in stopped.items()}}
         return _parse(log, usage.wall, {"source": usage.cpu, **cpu}, rss)
@@ -216,11 +218,12 @@ def agents_round(ctx: Context, tls: Path, vhd: Path, d: Path) -> AgentRun:
     return deployment.stop()
 
 
-def _start_daemons(d: Path, tls: Path, vmdk: Path) -> dict[str, Launched]:
+def start_daemons(d: Path, tls: Path, volumes: dict[str, Path]) -> dict[str, Launched]:
+    """Start a master target owning ``volumes`` (name -> path) and a process server."""
     common = ["--listen", "127.0.0.1:0", "--tls-dir", str(tls)]
-    volume = ("--volume", f"{VOLUME}={vmdk}")
+    registered = [arg for name, path in volumes.items() for arg in ("--volume", f"{name}={path}")]
     mt = launch(
-        agent_command("master-target", *common, "--data-dir", str(d / "mt"), *volume),
+        agent_command("master-target", *common, "--data-dir", str(d / "mt"), *registered),
         d / "mt.log",
     )
     try:
@@ -248,7 +251,7 @@ def _parse(log: str, wall: float, cpu: dict[str, float], rss: dict[str, int]) ->
     return AgentRun(wall, stream, frames, plain, framed, cpu, rss)
 
 
-def _verify(vhd: Path, vmdk: Path) -> None:
+def verify_volume(vhd: Path, vmdk: Path) -> None:
     """Refuse a run whose volume does not hold the source's bytes (hash maps compared)."""
     with open_disk(str(vhd)) as a, open_disk(str(vmdk)) as b:
         ma, mb = compute_maps([(a, None), (b, a.virtual_size)], 65536)

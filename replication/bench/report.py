@@ -142,6 +142,20 @@ def _extra_lines(res: BenchResult) -> list[str]:
                 f"data as {d['bytes_framed'] / 1e6:.0f} MB of frames; streaming phase only: "
                 f"{_fmt(d['stream_mb_s'], 'MB/s')} vs relay {_fmt(d['relay_stream_mb_s'], 'MB/s')}"
             )
+        if s.name == "rpo" and s.status == "ran":
+            for p in s.details["phases"]:  # type: ignore[union-attr]
+                lines.append(
+                    f"rpo: {p['rate_mb_s']:g} MB/s asked, {p['achieved_mb_s']:.1f} written: "
+                    f"{p['epochs']} epochs, RPO p50 {_fmt(p['rpo_p50_s'], 's')}, "
+                    f"p99 {_fmt(p['rpo_p99_s'], 's')}, max {_fmt(p['rpo_max_s'], 's')}"
+                )
+        if s.name == "fan-in" and s.status == "ran":
+            d = s.details
+            lines.append(
+                f"fan-in: peak {d['peak_streams']} streams, {d['sessions']} sessions in "
+                f"{d['window_s']:g} s, {d['offered_mb_s']:g} MB/s of writes offered; "
+                f"CPU seconds {d['cpu_s']}"
+            )
     pending = _pending(res)
     if pending:
         lines.append("not yet available: " + "; ".join(pending))

@@ -1,10 +1,9 @@
 """The stage registry and the run of a whole benchmark.
 
 A stage is a function ``run(ctx) -> (figures, details)``. Stages that later
-issues will provide (RPO under a live write load, failback, fan-in of many
-sources) are registered without a function: the report lists them as "not yet
-available" rather than leaving them out or inventing numbers. Adding one is one
-line here plus its module.
+issues will provide (failback) are registered without a function: the report lists
+them as "not yet available" rather than leaving them out or inventing numbers.
+Adding one is one line here plus its module.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import delta, memory, replicate, scan
+from . import delta, fanin, memory, replicate, rpo, scan
 from .context import BenchConfig, Context
 from .figures import Figure
 
@@ -45,9 +44,9 @@ STAGES: dict[str, Stage] = {
         Stage("delta", "delta sync (1 % / 10 % changed) vs rsync and a full copy", delta.run),
         Stage("replicate", "e2e source -> PS -> MT vs a bare gRPC TLS relay", replicate.run),
         Stage("memory", "peak RSS of each agent during the resync", memory.run),
-        Stage("rpo", "recovery point objective under a live write load", None),
+        Stage("rpo", "recovery point objective under a live write load", rpo.run),
         Stage("failback", "failback of a changed Azure disk to on-prem", None),
-        Stage("fan-in", "many sources into one process server", None),
+        Stage("fan-in", "many sources into one process server", fanin.run),
     )
 }
 

@@ -1,12 +1,14 @@
 """The master target's applier: verify frames, write them in seq order, persist progress."""
 
+import dataclasses
 import os
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
 
-from replication.applier import APPLIED, DUPLICATE, PERSISTED_EARLIER, Applier
+from replication.applier import APPLIED, DUPLICATE, PERSISTED_EARLIER, Applier, _all_zeros
 from replication.disks import create_disk, open_disk
 from replication.errors import (
     DiskHasSnapshotsError,
@@ -16,12 +18,13 @@ from replication.errors import (
     FrameGapError,
     FrameReplayError,
     FrameSequenceError,
+    FrameTruncatedError,
     OutOfRangeError,
     SessionNotOpenError,
     UnknownVolumeError,
     VolumeDiskFullError,
 )
-from replication.frame import FrameEncoder
+from replication.frame import FrameDecoder, FrameEncoder
 from replication.hashmap import HashMap
 from replication.volumes import VolumeRegistry, volume_disk_id
 from tests.helpers import (
@@ -401,3 +404,123 @@ def test_a_full_state_device_is_retryable_and_the_state_stays_behind_the_disk(tm
             assert db.execute("SELECT persisted_seq FROM sessions").fetchall() == [(2,)]
         finally:
             db.close()
+
+
+# --- batches: verified first, undo journaled with one fsync, then written ----------------
+
+
+def test_a_batch_applies_like_frame_by_frame(tmp_path, registry):
+    enc = encoder("vm1")
+    writes = sample_writes()
+    frames = frames_for(enc, writes)
+    with Applier(registry, tmp_path / "state.db", SECRET, decode_workers=2) as applier:
+        applier.open_session("vm1", enc.session_salt, BS, SIZE)
+        batch = [(seq, f, applier.predecode(f)) for seq, f in enumerate(frames, 1)]
+        results = applier.apply_batch("vm1", enc.session_salt, batch)
+        assert [(r.seq, r.status) for r in results] == [(i, APPLIED) for i in range(1, 6)]
+        assert applier.commit() == {("vm1", enc.session_salt): len(writes)}
+        # a resend of the same batch is recognised frame by frame, not applied again
+        again = applier.apply_batch("vm1", enc.session_salt, [(1, frames[0], None)])
+        assert again[0].status == PERSISTED_EARLIER
+    assert read_volume(registry, "vm1") == expected_image(writes)
+
+
+def test_a_failing_frame_stops_the_batch_after_the_frames_before_it(registry, applier):
+    enc = encoder("raw1")
+    good = frames_for(enc, [(0, b"A" * 4096), (BS, b"B" * 4096)])
+    bad = bytearray(enc.encode(3, 2 * BS, b"C" * 4096))
+    bad[70] ^= 1
+    after = enc.encode(4, 3 * BS, b"D" * 4096)
+    applier.open_session("raw1", enc.session_salt, BS, SIZE)
+    batch = [(1, good[0], None), (2, good[1], None), (3, bytes(bad), None), (4, after, None)]
+    with pytest.raises(FrameAuthError):
+        applier.apply_batch("raw1", enc.session_salt, batch)
+    assert applier.commit() == {("raw1", enc.session_salt): 2}
+    assert read_volume(registry, "raw1", 0, 4096) == b"A" * 4096
+    assert read_volume(registry, "raw1", 3 * BS, 4096) == bytes(4096)
+    with pytest.raises(FrameGapError):  # 3 is still expected
+        applier.apply("raw1", enc.session_salt, 4, after)
+
+
+def test_predecoded_frames_keep_the_header_checks_first(registry, applier):
+    mine, other = encoder("raw1"), encoder("raw1")
+    applier.open_session("raw1", mine.session_salt, BS, SIZE)
+    frame = other.encode(1, 0, b"X" * 4096)  # valid, but another session's
+    with pytest.raises(FrameAuthError, match="session"):
+        applier.apply_batch("raw1", mine.session_salt, [(1, frame, applier.predecode(frame))])
+    truncated = mine.encode(1, 0, b"Y" * 4096)[:40]
+    decoded = applier.predecode(truncated)  # a bad header is an error of the future
+    with pytest.raises(FrameTruncatedError):
+        applier.apply_batch("raw1", mine.session_salt, [(1, truncated, decoded)])
+
+
+def test_the_undo_of_a_whole_batch_is_durable_before_any_of_its_writes(tmp_path, registry):
+    enc = encoder("vm1")
+    frames = frames_for(enc, [(i * 2 * BS, os.urandom(BS)) for i in range(6)])
+    events: list[str] = []
+    with Applier(registry, tmp_path / "state.db", SECRET, history_dir=tmp_path / "h") as applier:
+        applier.open_session("vm1", enc.session_salt, BS, SIZE)
+        applier.apply("vm1", enc.session_salt, 1, frames[0])  # opens the history
+        applier.commit()
+        disk, journal = applier._disks["vm1"], applier._histories["vm1"].journal
+        for name, obj in (("undo", journal), ("sync", journal), ("write", disk)):
+            method = {"undo": "record_undo", "sync": "sync", "write": "write"}[name]
+            real = getattr(obj, method)
+
+            def spy(*args, _real=real, _name=name, **kw):
+                events.append(_name)
+                return _real(*args, **kw)
+
+            setattr(obj, method, spy)
+        batch = [(seq, frames[seq - 1], None) for seq in range(2, 7)]
+        applier.apply_batch("vm1", enc.session_salt, batch)
+        applier.commit()
+    # J1 with one fsync for the batch (a later sync is the commit's or the close's)
+    assert events[:11] == ["undo"] * 5 + ["sync"] + ["write"] * 5
+
+
+def test_frames_decoded_ahead_wait_for_the_budget(tmp_path, registry):
+    enc = encoder("raw1")
+    frames = frames_for(enc, [(i * BS, os.urandom(BS)) for i in range(4)])
+    with Applier(
+        registry, tmp_path / "state.db", SECRET, decode_workers=1, decode_ahead_bytes=2 * BS
+    ) as applier:
+        applier.open_session("raw1", enc.session_salt, BS, SIZE)
+        first = [(s, f, applier.predecode(f)) for s, f in enumerate(frames[:2], 1)]
+        third: list = []
+        taker = threading.Thread(target=lambda: third.append(applier.predecode(frames[2])))
+        taker.start()
+        taker.join(0.5)
+        assert taker.is_alive()  # two frames hold the whole budget
+        applier.apply_batch("raw1", enc.session_salt, first)  # written: budget given back
+        taker.join(10)
+        assert not taker.is_alive() and third[0].result().offset == 2 * BS
+
+
+def test_all_zero_frames_are_known_from_their_digest(registry, applier):
+    enc = encoder("vm1")
+    applier.open_session("vm1", enc.session_salt, BS, SIZE)
+    zeros = FrameDecoder(SECRET).decode(enc.encode(1, 0, bytes(BS)))
+    data = FrameDecoder(SECRET).decode(enc.encode(2, 0, os.urandom(BS)))
+    assert _all_zeros(zeros) and not _all_zeros(data)
+    # a digest other than the zeros' decides without a scan (the data is not read) ...
+    assert not _all_zeros(dataclasses.replace(zeros, digest=data.digest))
+    # ... and the zeros' digest is only a hint: the data is scanned
+    assert not _all_zeros(dataclasses.replace(data, digest=zeros.digest))
+
+
+def test_commit_each_records_the_volumes_that_flushed(registry, applier, monkeypatch):
+    a, b = encoder("raw1"), encoder("vm1")
+    applier.open_session("raw1", a.session_salt, BS, SIZE)
+    applier.open_session("vm1", b.session_salt, BS, SIZE)
+    applier.apply("raw1", a.session_salt, 1, a.encode(1, 0, b"A" * 4096))
+    applier.apply("vm1", b.session_salt, 1, b.encode(1, 0, b"B" * 4096))
+
+    def failing_flush():
+        raise DiskIOError("flush: injected failure")
+
+    monkeypatch.setattr(applier._disks["vm1"], "flush", failing_flush)
+    persisted, failed = applier.commit_each()
+    assert persisted == {("raw1", a.session_salt): 1}
+    assert list(failed) == ["vm1"] and isinstance(failed["vm1"], DiskIOError)
+    assert applier.session_state("vm1", b.session_salt) == 0  # resent, never skipped

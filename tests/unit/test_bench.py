@@ -1,8 +1,10 @@
 """``replication.bench``: figures and targets, the stage registry, a whole run on 16 MiB.
 
 The whole run (every available stage, one round, no waiting for a quiet machine)
-is made once for the module; it starts the three agents and the bare relay, so it
-takes ~10 s here. Nothing asserts on speed: only on what is measured and reported.
+is made once for the module; it starts the three agents and the bare relay, a
+tracked source under load (stage rpo, 2 s per rate) and a fan-in of a few sources
+(3 s), so it takes ~1 min here. Nothing asserts on speed: only on what is measured
+and reported.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import pytest
 
 from replication.bench import STAGES, BenchConfig, Figure, Target, run_bench, select_stages
 from replication.bench import delta as delta_stage
+from replication.bench import fanin as fanin_stage
 from replication.bench import replicate as replicate_stage
+from replication.bench import rpo as rpo_stage
 from replication.bench import scan as scan_stage
 from replication.bench.context import Context
 from replication.bench.report import format_table, to_dict, to_markdown, write_outputs
-from replication.errors import PairFailedError, UsageError
+from replication.errors import PairFailedError, ReplicationError, UsageError
 from replication.launch import launch
 
 SIZE = 16 << 20
+FANIN_SOURCES = 4
 FIGURE_KEYS = {"value", "baseline", "ratio", "target", "met", "unit", "name", "stage"}
 
 
@@ -31,7 +36,12 @@ def result(tmp_path_factory):
     config = BenchConfig(
         size=SIZE, rounds=1, stages=select_stages(None), work_dir=work / "w", quiet_wait=0
     )
-    return run_bench(config, say=lambda msg: None)
+    with pytest.MonkeyPatch.context() as mp:  # short: what is reported, not how fast
+        mp.setenv("REPLICATION_BENCH_RPO_SECONDS", "2")
+        mp.setenv("REPLICATION_BENCH_FANIN_SECONDS", "3")
+        mp.setenv("REPLICATION_BENCH_FANIN_MB_S", "4")
+        mp.setattr(fanin_stage, "SOURCES", FANIN_SOURCES)
+        return run_bench(config, say=lambda msg: None)
 
 
 # -- figures and targets ---------------------------------------------------------------
@@ -67,8 +77,8 @@ def test_bad_target_is_refused():
 
 
 def test_registry_lists_future_stages_without_a_function():
-    assert [n for n, s in STAGES.items() if s.run is None] == ["rpo", "failback", "fan-in"]
-    assert select_stages(None) == ("scan", "delta", "replicate", "memory")
+    assert [n for n, s in STAGES.items() if s.run is None] == ["failback"]
+    assert select_stages(None) == ("scan", "delta", "replicate", "memory", "rpo", "fan-in")
     assert select_stages("delta, scan,delta") == ("delta", "scan")
 
 
@@ -132,9 +142,9 @@ def test_every_selected_stage_ran_and_future_ones_are_listed(result):
         "delta": "ran",
         "replicate": "ran",
         "memory": "ran",
-        "rpo": "not yet available",
+        "rpo": "ran",
         "failback": "not yet available",
-        "fan-in": "not yet available",
+        "fan-in": "ran",
     }
 
 
@@ -142,7 +152,7 @@ def test_json_schema_every_figure_has_value_baseline_ratio_target_met(result):
     doc = json.loads(json.dumps(to_dict(result), default=str))
     assert doc["schema"] == 1 and doc["config"]["size_bytes"] == SIZE
     figures = [f for s in doc["stages"] for f in s["figures"]]
-    assert len(figures) == 1 + 10 + 4 + 3
+    assert len(figures) == 1 + 10 + 4 + 3 + 3 * len(rpo_stage.RATES) + 4
     for f in figures:
         assert f.keys() >= FIGURE_KEYS, f
         assert set(f["target"]) == {"on", "op", "limit", "why"}
@@ -175,8 +185,57 @@ def test_delta_bytes_are_close_to_the_changed_blocks(result):
 def test_table_and_markdown_name_targets_and_pending_stages(result, tmp_path):
     table = format_table(result)
     assert "e2e full resync throughput" in table and "ratio >= 0.7" in table
-    assert "not yet available: rpo" in table
+    assert "not yet available: failback" in table and "rpo: 20 MB/s asked" in table
     md = to_markdown(result)
     assert md.startswith("# replication bench") and "| stage | figure |" in md
     written = write_outputs(result, tmp_path / "out")
     assert {p.name for p in written} >= {"bench.json", "bench.md"}
+
+
+# -- rpo and fan-in --------------------------------------------------------------------------
+
+
+def test_rpo_reports_every_epoch_of_each_rate_and_the_load_it_kept(result):
+    details = next(s for s in result.stages if s.name == "rpo").details
+    assert [p["rate_mb_s"] for p in details["phases"]] == list(rpo_stage.RATES)
+    for phase in details["phases"]:
+        assert phase["epochs"] >= 1 and len(phase["rpo_s"]) == phase["epochs"]
+        assert all(x >= 0 for x in phase["rpo_s"])
+        assert phase["bytes_written"] > 0 and phase["writes"] > 0
+    names = [f.name for f in result.figures if f.stage == "rpo"]
+    assert names[:3] == ["RPO p99 at 20 MB/s", "RPO p50 at 20 MB/s", "write rate kept at 20 MB/s"]
+
+
+def test_fan_in_counts_streams_sessions_and_bytes_per_source(result):
+    details = next(s for s in result.stages if s.name == "fan-in").details
+    assert len(details["sources"]) == FANIN_SOURCES
+    assert details["peak_streams"] >= 1 and details["sessions"] >= 1
+    assert set(details["cpu_s"]) == {"process_server", "master_target"}
+    figures = {f.name: f for f in result.figures if f.stage == "fan-in"}
+    assert 0 < figures["fairness between sources (Jain's index)"].value <= 1
+
+
+def test_percentiles_interpolate_and_jain_measures_fairness():
+    assert rpo_stage.percentile([], 99) is None
+    assert rpo_stage.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert rpo_stage.percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert fanin_stage.jain([5.0, 5.0, 5.0]) == pytest.approx(1.0)
+    assert fanin_stage.jain([1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)
+    assert fanin_stage.jain([0.0, 0.0]) is None
+
+
+def test_rpo_waits_until_every_cut_epoch_is_persisted(tmp_path):
+    log = tmp_path / "source.log"
+    log.write_bytes(b"x event=epoch disk=d number=1\nx event=epoch_persisted disk=d rpo=0.2\n")
+    rpo_stage._wait_settled(log, 0, timeout=5, quiet=0.2)  # settled: returns
+    log.write_bytes(log.read_bytes() + b"x event=epoch disk=d number=2\n")
+    with pytest.raises(ReplicationError, match="did not persist"):
+        rpo_stage._wait_settled(log, 0, timeout=0.5, quiet=0.2)
+
+
+def test_the_load_generator_regions_fit_any_disk():
+    for size in (4 << 20, 16 << 20, 1 << 30):
+        for where, length in ((0.5, 64 << 20), (0.125, 128 << 20)):
+            start, n = rpo_stage._region(size, where, length)
+            assert start % 65536 == 0 and n % 65536 == 0 and 0 < n <= length
+            assert start + n <= size

@@ -55,3 +55,28 @@ def test_a_quiet_stream_yields_without_waiting_for_more():
     assert not release.is_set() and not forced  # we got "a" while the source still blocked
     release.set()
     assert list(it) == []
+
+
+def test_prepare_runs_on_the_reader_thread_in_order():
+    threads = set()
+
+    def prepare(item):
+        threads.add(threading.current_thread().name)
+        return item * 10
+
+    got = [x for batch in batches(iter(range(6)), prepare=prepare) for x in batch]
+    assert got == [0, 10, 20, 30, 40, 50]
+    assert threads == {"stream-reader"}
+
+
+def test_an_error_in_prepare_ends_the_stream_after_the_items_before_it():
+    def prepare(item):
+        if item == 2:
+            raise ValueError("bad message")
+        return item
+
+    seen = []
+    with pytest.raises(ValueError, match="bad message"):
+        for batch in batches(iter(range(5)), prepare=prepare):
+            seen += batch
+    assert seen == [0, 1]

@@ -1,0 +1,53 @@
+"""The CLI builds only the parser it needs: start-up pays for one sub-command's imports."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+
+from replication import cli
+
+
+def test_the_command_table_names_every_command_of_every_module():
+    registered = {}
+    for name in cli._COMMAND_MODULES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"replication.cli.{name}").register(sub)
+        registered.update({command: name for command in sub.choices})
+    assert registered == cli._COMMANDS
+
+
+def test_a_command_imports_only_its_own_module():
+    code = (
+        "import sys\n"
+        "from replication.cli import main\n"
+        "try:\n"
+        "    main(['sync', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('replication.cli.')))\n"
+        "print('replication.orchestrator' in sys.modules, 'cryptography.x509' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == "['replication.cli.sync_cmd']"
+    assert lines[-1] == "False False"
+
+
+def test_help_still_lists_every_command():
+    proc = subprocess.run(
+        [sys.executable, "-m", "replication", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0
+    for command in cli._COMMANDS:
+        assert f"    {command}" in proc.stdout
+
+
+def test_an_unknown_command_is_refused_naming_every_choice():
+    proc = subprocess.run(
+        [sys.executable, "-m", "replication", "warp"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "invalid choice: 'warp'" in proc.stderr and "'source-agent'" in proc.stderr
