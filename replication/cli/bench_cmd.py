@@ -22,12 +22,14 @@ data; fixed seeds) and measure, each beside its baseline in the same run:
   replicate  source agent -> process server -> master target (TLS, zstd, AES-GCM,
              fsync), full resync into an empty VMDK  vs  bare gRPC TLS relay, 3 processes
   memory     peak RSS of each agent                  (target < 256 MiB)
+  rpo        p50/p99 RPO of a tracked source at 20 and 50 MB/s of NBD writes (p99 < 1 s)
+  fan-in     100 sources into one process server: throughput, Jain fairness (>= 0.9)
 
 Prints a table, writes DIR/bench.json (every figure with its baseline, ratio and
 target), DIR/bench.md, and DIR/bench.png when matplotlib is installed. A missing
 baseline tool is reported as missing. Exit 0 when the run completed, whether or
 not targets were met; non-zero with a message when it could not run.
-Stages not yet available: rpo, failback, fan-in.
+Stages not yet available: failback.
 """
 
 MIN_SIZE = 4 << 20

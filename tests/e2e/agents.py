@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -39,12 +40,35 @@ def replication(*args: str) -> list[str]:
     return [sys.executable, "-m", "replication", *args]
 
 
-def start(args: list[str], log: Path, timeout: float = 30.0) -> Agent:
-    """Start an agent; wait (bounded) for its 'listening' line; return it."""
+def master_target(root: Path, tls: Path, *extra: str) -> list[str]:
+    """Arguments of a master target on any free port, its state in ``root/mt``."""
+    return replication(
+        "master-target", "--listen", "127.0.0.1:0", "--data-dir", str(root / "mt"),
+        "--tls-dir", str(tls), *extra,
+    )  # fmt: skip
+
+
+def process_server(root: Path, tls: Path, mt_port: int, *extra: str, spool: str = "spool"):
+    """Arguments of a process server on any free port, relaying to ``mt_port``."""
+    return replication(
+        "process-server", "--listen", "127.0.0.1:0", "--master-target", f"127.0.0.1:{mt_port}",
+        "--spool-dir", str(root / spool), "--tls-dir", str(tls), *extra,
+    )  # fmt: skip
+
+
+def start(
+    args: list[str], log: Path, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> Agent:
+    """Start an agent; wait (bounded) for its 'listening' line; return it.
+
+    ``env``: variables added to this process's environment (e.g. a crash point).
+    """
     out = open(log, "ab")  # noqa: SIM115 - the child keeps writing after we return
     # a restart appends to the same log: only this process's lines count
     start_at = log.stat().st_size if log.exists() else 0
-    proc = subprocess.Popen(args, stdout=out, stderr=out)
+    proc = subprocess.Popen(
+        args, stdout=out, stderr=out, env={**os.environ, **env} if env else None
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = LISTENING.search(log.read_bytes()[start_at:].decode(errors="replace"))

@@ -22,7 +22,7 @@ from replication.errors import TagFailedError
 from replication.nbd.client import NbdClient
 from replication.wire import TagSpec
 from tests.e2e import test_source_daemon as daemon
-from tests.e2e.agents import replication, start
+from tests.e2e.agents import process_server, replication, start
 from tests.e2e.test_source_daemon import pair_of, wait_for
 from tests.helpers import make_raw, qemu_compare, require
 from tests.proxy import FaultProxy
@@ -208,13 +208,7 @@ def test_a_pair_moves_to_another_process_server_without_a_resync(relay):
     raw = tmp_path / "source.raw"
     make_raw(raw, SIZE, seed=16)
     mt_port = agents[0].port
-    ps2 = start(
-        replication(
-            "process-server", "--listen", "127.0.0.1:0", "--master-target",
-            f"127.0.0.1:{mt_port}", "--spool-dir", str(tmp_path / "spool2"), "--tls-dir", str(tls),
-        ),
-        tmp_path / "ps2.log",
-    )  # fmt: skip
+    ps2 = start(process_server(tmp_path, tls, mt_port, spool="spool2"), tmp_path / "ps2.log")
     agents.append(ps2)
     src, nbd = start_tracked(tmp_path, tls, ps.port, raw)
     agents.append(src)

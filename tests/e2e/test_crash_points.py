@@ -18,7 +18,14 @@ import time
 import pytest
 
 from replication.faults import POINTS
-from tests.e2e.agents import init_tls, replication, restart, start
+from tests.e2e.agents import (
+    init_tls,
+    master_target,
+    process_server,
+    replication,
+    restart,
+    start,
+)
 from tests.helpers import make_raw, qemu_check, qemu_compare, require
 from tests.proxy import FaultProxy
 
@@ -43,50 +50,21 @@ def deploy(tmp_path, *, crash_at: dict[str, str] | None = None):
         timeout=60,
     )
     crash_at = crash_at or {}
-    mt = _start_with(
-        crash_at.get("mt"),
-        replication(
-            "master-target",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path / "mt"),
-            "--tls-dir",
-            str(tls),
-            "--volume",
-            f"vol1={vmdk}",
-        ),
+    mt = start(
+        master_target(tmp_path, tls, "--volume", f"vol1={vmdk}"),
         tmp_path / "mt.log",
+        env=_crash_env(crash_at.get("mt")),
     )
-    ps = _start_with(
-        crash_at.get("ps"),
-        replication(
-            "process-server",
-            "--listen",
-            "127.0.0.1:0",
-            "--master-target",
-            f"127.0.0.1:{mt.port}",
-            "--spool-dir",
-            str(tmp_path / "spool"),
-            "--tls-dir",
-            str(tls),
-        ),
+    ps = start(
+        process_server(tmp_path, tls, mt.port),
         tmp_path / "ps.log",
+        env=_crash_env(crash_at.get("ps")),
     )
     return tls, raw, vmdk, {"mt": mt, "ps": ps}
 
 
-def _start_with(crash: str | None, args, log):
-    env_before = os.environ.get("REPLICATION_CRASH_AT")
-    if crash:
-        os.environ["REPLICATION_CRASH_AT"] = crash
-    try:
-        return start(args, log)
-    finally:
-        if env_before is None:
-            os.environ.pop("REPLICATION_CRASH_AT", None)
-        else:
-            os.environ["REPLICATION_CRASH_AT"] = env_before
+def _crash_env(crash: str | None) -> dict[str, str] | None:
+    return {"REPLICATION_CRASH_AT": crash} if crash else None
 
 
 def source(tls, port: int, raw) -> subprocess.Popen:

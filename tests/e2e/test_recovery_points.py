@@ -18,7 +18,14 @@ import pytest
 from replication.certs import load_identity
 from replication.control import ControlClient, consistent_cut
 from replication.wire import TagSpec
-from tests.e2e.agents import init_tls, replication, restart, start
+from tests.e2e.agents import (
+    init_tls,
+    master_target,
+    process_server,
+    replication,
+    restart,
+    start,
+)
 from tests.e2e.test_source_daemon import wait_for
 from tests.helpers import make_raw, qemu_check, qemu_compare, require
 
@@ -47,37 +54,12 @@ def site(tmp_path):
         volumes += ["--volume", f"{name}={vmdk}"]
     agents = []
     mt = start(
-        replication(
-            "master-target",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path / "mt"),
-            "--tls-dir",
-            str(tls),
-            "--datastore",
-            str(datastore),
-            "--crash-interval",
-            "1",
-            *volumes,
-        ),
+        master_target(tmp_path, tls, "--datastore", str(datastore), "--crash-interval", "1",
+                      *volumes),
         tmp_path / "mt.log",
-    )
+    )  # fmt: skip
     agents.append(mt)
-    ps = start(
-        replication(
-            "process-server",
-            "--listen",
-            "127.0.0.1:0",
-            "--master-target",
-            f"127.0.0.1:{mt.port}",
-            "--spool-dir",
-            str(tmp_path / "spool"),
-            "--tls-dir",
-            str(tls),
-        ),
-        tmp_path / "ps.log",
-    )
+    ps = start(process_server(tmp_path, tls, mt.port), tmp_path / "ps.log")
     agents.append(ps)
     src = start(
         replication(

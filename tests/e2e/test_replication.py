@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.e2e.agents import init_tls, replication, restart, start
+from tests.e2e.agents import init_tls, master_target, process_server, replication, restart, start
 from tests.helpers import qemu_compare, qemu_convert, require
 from tests.proxy import FaultProxy
 
@@ -55,34 +55,8 @@ def deployment(tmp_path):
     require("qemu-img")
     tls = init_tls(tmp_path / "tls")
     vhd, vmdk, expected, changed = make_pair(tmp_path)
-    mt = start(
-        replication(
-            "master-target",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path / "mt"),
-            "--tls-dir",
-            str(tls),
-            "--volume",
-            f"vol1={vmdk}",
-        ),
-        tmp_path / "mt.log",
-    )
-    ps = start(
-        replication(
-            "process-server",
-            "--listen",
-            "127.0.0.1:0",
-            "--master-target",
-            f"127.0.0.1:{mt.port}",
-            "--spool-dir",
-            str(tmp_path / "spool"),
-            "--tls-dir",
-            str(tls),
-        ),
-        tmp_path / "ps.log",
-    )
+    mt = start(master_target(tmp_path, tls, "--volume", f"vol1={vmdk}"), tmp_path / "mt.log")
+    ps = start(process_server(tmp_path, tls, mt.port), tmp_path / "ps.log")
     proxy = FaultProxy(ps.port)
     agents = {"mt": mt, "ps": ps}
     yield tmp_path, tls, vhd, vmdk, expected, changed, proxy, agents

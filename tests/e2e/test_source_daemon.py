@@ -20,7 +20,7 @@ import pytest
 from replication.certs import load_identity
 from replication.control import ControlClient
 from replication.errors import PeerRoleError, UnknownDiskError
-from tests.e2e.agents import init_tls, replication, start
+from tests.e2e.agents import init_tls, master_target, process_server, replication, start
 from tests.helpers import make_raw, mutate_blocks, qemu_compare, require, write_raw
 
 pytestmark = pytest.mark.oracle
@@ -48,34 +48,8 @@ def relay(tmp_path):
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), str(SIZE)], check=True, timeout=30
     )
-    mt = start(
-        replication(
-            "master-target",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path / "mt"),
-            "--tls-dir",
-            str(tls),
-            "--volume",
-            f"vol1={vmdk}",
-        ),
-        tmp_path / "mt.log",
-    )
-    ps = start(
-        replication(
-            "process-server",
-            "--listen",
-            "127.0.0.1:0",
-            "--master-target",
-            f"127.0.0.1:{mt.port}",
-            "--spool-dir",
-            str(tmp_path / "spool"),
-            "--tls-dir",
-            str(tls),
-        ),
-        tmp_path / "ps.log",
-    )
+    mt = start(master_target(tmp_path, tls, "--volume", f"vol1={vmdk}"), tmp_path / "mt.log")
+    ps = start(process_server(tmp_path, tls, mt.port), tmp_path / "ps.log")
     agents = [mt, ps]
     yield SimpleNamespace(tmp=tmp_path, tls=tls, vmdk=vmdk, ps=ps, agents=agents)
     for a in reversed(agents):
