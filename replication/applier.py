@@ -72,8 +72,23 @@ written through it. A full device (``ENOSPC``, or SQLite's ``SQLITE_FULL``) beco
 server keeps the frames spooled and tries again once space is freed. A failed
 SQLite commit leaves the recorded seq where it was (never ahead of the disk).
 
-Not handled here (next issues): ordering between two sessions writing the same
-blocks of one volume; the gRPC adapter; live-write races (design R4).
+Ordering between sessions (design S7)
+------------------------------------
+A session of an *ordered* source carries an order number in its authenticated salt
+(:mod:`replication.ordering`). Per volume the applier keeps the newest session whose
+frame it admitted: in memory at once (so a frame of an older session admitted after
+it is refused even before the next commit), durably in the same transaction as the
+progress of that commit. Opening or applying a session older than the newest, or an
+unordered session on a volume an ordered session wrote (a downgrade would let stale
+tails in again), is :class:`~replication.errors.StaleSessionError`, not retryable:
+the process server parks that session instead of retrying it. Only an authenticated
+frame moves the newest session forward, so an OpenSession naming a made-up salt
+cannot lock the real source out. Volumes never written by an ordered session accept
+unordered sessions as before (older sources).
+
+Acks the caller sends carry :meth:`Applier.ack_mac` (:mod:`replication.acks`).
+
+Not handled here: the gRPC adapter; live-write races (design R4).
 """
 
 from __future__ import annotations
@@ -85,6 +100,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -93,8 +109,10 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from .acks import AckAuthenticator
 from .blocks import DEFAULT_BLOCK_SIZE, block_count, check_block_size
 from .disks import Disk, open_disk
+from .durable import fsync_dir
 from .errors import (
     DiskFullError,
     DiskIOError,
@@ -107,14 +125,17 @@ from .errors import (
     PointNotFoundError,
     ReplicationError,
     SessionNotOpenError,
+    StaleSessionError,
     UsageError,
     VolumeDiskFullError,
+    VolumeInUseError,
 )
-from .frame import TAG_SIZE, DecodedFrame, FrameDecoder, peek_header
+from .frame import TAG_SIZE, DecodedFrame, FrameDecoder, FrameHeader, peek_header
 from .hashmap import HashMap
 from .history import HistoryPolicy, ScratchBuffer, VolumeHistory, parse_marker
 from .journal import PointInfo
 from .keys import SALT_SIZE
+from .ordering import ORDER_SIZE
 from .volumes import VolumeRegistry, volume_disk_id
 
 __all__ = [
@@ -151,7 +172,18 @@ CREATE TABLE IF NOT EXISTS sessions (
     PRIMARY KEY (volume, session)
 )
 """
-_SCHEMA_VERSION = 1
+# the newest ordered session whose frame was applied, per volume (its order number is
+# the first 8 bytes of the salt: u64, too large for an SQLite integer)
+_ORDER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS volume_order (
+    volume TEXT PRIMARY KEY,
+    session BLOB NOT NULL
+)
+"""
+# 2: volume_order (a version 1 file is upgraded in place; a version 1 build refuses 2)
+_SCHEMA_VERSION = 2
+#: session MAC keys kept (one HKDF each to derive)
+_ACK_KEYS_KEPT = 256
 
 SessionKey = tuple[str, bytes]
 
@@ -258,11 +290,12 @@ class ApplyState:
             # FULL: each commit is fsynced; WAL + NORMAL could lose acked state on power loss.
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, _SCHEMA_VERSION):
+            if version not in (0, 1, _SCHEMA_VERSION):
                 raise UsageError(
                     f"{self.path}: apply state schema {version} is newer than this build"
                 )
             self._db.execute(_SCHEMA)
+            self._db.execute(_ORDER_SCHEMA)
             self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -299,11 +332,22 @@ class ApplyState:
                 (volume, session, block_size, time.time()),
             )
 
-    def record(self, progress: list[tuple[str, bytes, int, bytes | None]]) -> None:
+    def newest_sessions(self) -> dict[str, bytes]:
+        """Return the newest ordered session of every volume that had one."""
+        with self._errors("read"):
+            rows = self._db.execute("SELECT volume, session FROM volume_order").fetchall()
+        return {volume: bytes(session) for volume, session in rows}
+
+    def record(
+        self,
+        progress: list[tuple[str, bytes, int, bytes | None]],
+        newest: dict[str, bytes] | None = None,
+    ) -> None:
         """Store ``(volume, session, persisted_seq, last_tag)`` rows in one transaction.
 
-        On failure nothing is recorded (the transaction is rolled back) and a typed
-        error is raised: :class:`VolumeDiskFullError` when the device is full.
+        ``newest`` (volume -> session) updates the newest ordered sessions in the same
+        transaction. On failure nothing is recorded (the transaction is rolled back)
+        and a typed error is raised: :class:`VolumeDiskFullError` when the device is full.
         """
         now = time.time()
         rows = [(seq, tag, now, vol, sess) for vol, sess, seq, tag in progress]
@@ -313,6 +357,9 @@ class ApplyState:
                 "UPDATE sessions SET persisted_seq = ?, last_tag = ?, updated = ? "
                 "WHERE volume = ? AND session = ?",
                 rows,
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO volume_order VALUES (?, ?)", sorted((newest or {}).items())
             )
             self._db.execute("COMMIT")  # fsynced (synchronous=FULL) before it returns
 
@@ -357,6 +404,10 @@ class Applier:
         )
         self._ahead = _Budget(decode_ahead_bytes)
         self._state = ApplyState(state_db_path)
+        # volume -> salt of its newest ordered session (admitted); and those not recorded
+        self._newest: dict[str, bytes] = self._state.newest_sessions()
+        self._newest_unrecorded: dict[str, bytes] = {}
+        self._ack_keys: OrderedDict[SessionKey, AckAuthenticator] = OrderedDict()
         self._disks: dict[str, Disk] = {}
         self._sessions: dict[SessionKey, _Session] = {}
         self._touched: set[str] = set()  # volumes written since the last commit
@@ -383,6 +434,9 @@ class Applier:
                 f"volume {volume!r} has {disk.virtual_size} bytes; the source has {volume_size}",
                 hint="create a volume at least as large as the source disk",
             )
+        newest = self._newest.get(volume)
+        if newest is not None:  # an ordered volume: every session is read as ordered
+            _refuse_if_stale(volume, session, _order_of(session), newest)
         key = (volume, session)
         if key not in self._sessions:
             self._sessions[key] = self._load_session(volume, session, block_size)
@@ -525,6 +579,7 @@ class Applier:
         before anything is committed (a failed write forgets the volume's progress).
         """
         frame = self._verify(state, seq, frame_bytes, decoded)
+        self._check_order(state, frame.header)  # authenticated: its salt is genuine
         tag = bytes(frame_bytes[-TAG_SIZE:])
         if seq <= state.applied_seq:
             return self._resent(state, seq, tag), None
@@ -566,6 +621,37 @@ class Applier:
         if decoded is not None:
             return decoded.result()  # raises the decoder's typed error
         return self._decoder.decode(frame_bytes)
+
+    def _check_order(self, state: _Session, header: FrameHeader) -> None:
+        """Refuse a session older than its volume's newest; a newer one becomes the newest."""
+        newest = self._newest.get(state.volume)
+        order = header.order
+        if order is None:
+            if newest is not None:
+                raise StaleSessionError(
+                    f"unordered session {state.session.hex()} on {state.volume!r}, which "
+                    f"ordered session {newest.hex()} wrote",
+                    hint="upgrade the source agent: a volume never goes back to unordered",
+                )
+            return
+        if newest == state.session:
+            return
+        if newest is not None:
+            _refuse_if_stale(state.volume, state.session, order, newest)
+        self._newest[state.volume] = state.session
+        self._newest_unrecorded[state.volume] = state.session
+
+    def ack_mac(self, volume: str, session: bytes, seq: int) -> bytes:
+        """The MAC of "``session`` on ``volume`` is PERSISTED up to ``seq``" (acks, states)."""
+        key = (volume, _check_salt(session))
+        auth = self._ack_keys.get(key)
+        if auth is None:
+            auth = self._ack_keys[key] = AckAuthenticator(self._secret, volume, key[1])
+            if len(self._ack_keys) > _ACK_KEYS_KEPT:
+                self._ack_keys.popitem(last=False)
+        else:
+            self._ack_keys.move_to_end(key)
+        return auth.mac(seq)
 
     def _resent(self, state: _Session, seq: int, tag: bytes) -> ApplyResult:
         """Answer a frame at or below the applied seq without applying it."""
@@ -684,11 +770,13 @@ class Applier:
         # before recording: a crash in between resends the marker, and the point is made
         self._record_points()
         progress = [s for s in self._sessions.values() if s.applied_seq > s.persisted_seq]
-        if not progress:
+        if not progress and not self._newest_unrecorded:
             return {}
         self._state.record(
-            [(s.volume, s.session, s.applied_seq, s.pending[s.applied_seq]) for s in progress]
+            [(s.volume, s.session, s.applied_seq, s.pending[s.applied_seq]) for s in progress],
+            self._newest_unrecorded,
         )
+        self._newest_unrecorded = {}
         for s in progress:
             s.persisted_seq, s.last_tag = s.applied_seq, s.pending[s.applied_seq]
             s.pending.clear()
@@ -779,6 +867,53 @@ class Applier:
             if own:
                 disk.close()
 
+    # -- handing a volume over --------------------------------------------------------
+
+    def release(self, volume: str) -> None:
+        """Let go of ``volume``'s handles before the registry releases it (ReleaseVolume).
+
+        Refused (VolumeInUseError) while frames of it are applied but not committed.
+        Its history is closed (journal synced) and set aside under
+        ``released-history/`` beside the history directory: its undo records and
+        points describe a disk another writer is about to change, so a later take-back
+        starts a new history instead of offering points that no longer hold. Then the
+        disk is flushed (fsynced) and closed, and its sessions leave memory (their
+        durable state stays: a session resumed after a take-back continues).
+        """
+        self.registry.path(volume)  # UnknownVolumeError for a name never known
+        unapplied = volume in self._touched or any(m[0] == volume for m in self.markers)
+        if unapplied or any(
+            s.volume == volume and s.applied_seq > s.persisted_seq for s in self._sessions.values()
+        ):
+            raise VolumeInUseError(
+                f"volume {volume!r} has frames applied but not yet committed",
+                hint="retry once they are PERSISTED (a moment)",
+            )
+        history = self._histories.pop(volume, None)
+        if history is not None:
+            history.close()
+        self._set_history_aside(volume)
+        disk = self._disks.pop(volume, None)
+        if disk is not None:
+            try:
+                disk.flush()
+            finally:
+                disk.close()
+        for key in [k for k in self._sessions if k[0] == volume]:
+            del self._sessions[key]
+
+    def _set_history_aside(self, volume: str) -> None:
+        if self._history_dir is None or not (self._history_dir / volume).exists():
+            return
+        aside = self._history_dir.parent / "released-history"
+        try:
+            aside.mkdir(exist_ok=True)
+            (self._history_dir / volume).rename(aside / f"{volume}.{time.time_ns()}")
+            fsync_dir(self._history_dir)
+            fsync_dir(aside)
+        except OSError as err:
+            raise DiskIOError(f"set the history of {volume!r} aside: {err}") from err
+
     # -- lifetime -------------------------------------------------------------------
 
     def close(self) -> None:
@@ -824,6 +959,24 @@ def _all_zeros(frame: DecodedFrame) -> bool:
         return False
     words = np.frombuffer(data, dtype=np.uint64 if len(data) % 8 == 0 else np.uint8)
     return not words.any()
+
+
+def _order_of(session: bytes) -> int:
+    """The order number an ordered session's salt starts with."""
+    return int.from_bytes(session[:ORDER_SIZE], "big")
+
+
+def _refuse_if_stale(volume: str, session: bytes, order: int, newest: bytes) -> None:
+    """StaleSessionError unless ``session`` (of ``order``) is the newest or newer."""
+    newest_order = _order_of(newest)
+    if order > newest_order or session == newest:
+        return
+    raise StaleSessionError(
+        f"session {session.hex()} (order {order}) on {volume!r} is older than session "
+        f"{newest.hex()} (order {newest_order}), which the master target applied",
+        hint="an abandoned session's frames: the newer session resent what it needed; "
+        "drop this session",
+    )
 
 
 def _check_salt(session: bytes) -> bytes:

@@ -1,9 +1,10 @@
 """A client of the agents' control service (the scenario's port 443 role).
 
 What the ``replication agent`` CLI and an orchestrator use to command running
-agents: status, volumes of a master target, creating a volume on its datastore,
-starting and stopping pairs on a source agent. It speaks only the wire contract
-(``proto/replication/v1/control.proto``) and never imports agent modules. Every
+agents: status, volumes of a master target, creating a volume on its datastore or
+releasing one (handing its disk over), starting and stopping pairs on a source
+agent. It speaks only the wire contract (``proto/replication/v1/control.proto``)
+and never imports agent modules. Every
 call has a deadline; a refusal comes back as the typed error the agent raised.
 """
 
@@ -13,6 +14,7 @@ import grpc
 
 from . import wire
 from .certs import Identity
+from .errors import ServerRoleError
 from .server import error_from_rpc
 from .tls import secure_channel
 from .v1 import control_pb2_grpc
@@ -30,10 +32,14 @@ class ControlClient:
         *,
         server_host: str = "localhost",
         timeout: float = 30.0,
+        role: str | None = None,
     ) -> None:
+        """``role``: the agent's role this client expects (``source``, ``master-target``,
+        ``process-server``); every call then fails with ServerRoleError unless the
+        server proves it (``replication.tls.RoleCheck``)."""
         self.address = address
         self.timeout = timeout
-        self._channel = secure_channel(address, identity, server_host=server_host)
+        self._channel = secure_channel(address, identity, server_host=server_host, expect_role=role)
         self._stub = control_pb2_grpc.ControlStub(self._channel)
 
     def status(self) -> wire.AgentInfo:
@@ -53,6 +59,17 @@ class ControlClient:
         request = wire.create_volume_to_pb(name, size, subformat)
         return wire.volume_from_pb(
             self._call(f"create volume {name}", self._stub.CreateVolume, request)
+        )
+
+    def release_volume(self, name: str) -> wire.VolumeInfo:
+        """Make a master target let go of a volume (its disk handed to another writer).
+
+        Refused with VolumeInUseError (retryable) while a session on it is open;
+        idempotent once released; CreateVolume with the same name and size takes it back.
+        """
+        request = wire.release_volume_to_pb(name)
+        return wire.volume_from_pb(
+            self._call(f"release volume {name}", self._stub.ReleaseVolume, request)
         )
 
     def start_pair(self, disk: str, volume: str) -> wire.PairInfo:
@@ -115,6 +132,10 @@ class ControlClient:
     def _call(self, what: str, method, request):
         try:
             return method(request, timeout=self.timeout)
+        except ServerRoleError as err:  # typed already; say where
+            raise ServerRoleError(
+                f"{what} at {self.address}: {err.message}", hint=err.hint
+            ) from None
         except grpc.RpcError as err:
             raise error_from_rpc(err, f"{what} at {self.address}") from None
 

@@ -640,3 +640,95 @@ __all__ += [
     "UnknownVmError",
     "WrongStateError",
 ]
+
+
+# --- handing a volume over (master target ReleaseVolume) --------------------------------
+
+
+class VolumeInUseError(VolumeError):
+    """A volume cannot be released: a data session on it is open or its frames are unapplied."""
+
+    code = "volume.in_use"
+    retryable = True
+
+
+class VolumeHeldError(OrchestratorError):
+    """A recovered VMDK is still a volume of a master target, which may write it."""
+
+    code = "orchestrator.volume_held"
+
+
+__all__ += ["VolumeHeldError", "VolumeInUseError"]
+
+
+# --- reverse reprotect onto an Azure disk ------------------------------------------------
+
+
+class AzureDiskMissingError(OrchestratorError):
+    """The Azure-side master target lists the Azure disk's volume but cannot open it."""
+
+    code = "orchestrator.azure_disk_missing"
+
+
+__all__ += ["AzureDiskMissingError"]
+
+
+# --- the process server's forwarding: liveness ------------------------------------------
+
+
+class ForwardStalledError(ReplicationError):
+    """The master target acknowledged nothing within the progress deadline while frames waited."""
+
+    code = "relay.stalled"
+    retryable = True
+
+
+__all__ += ["ForwardStalledError"]
+
+
+# --- data-path security: session ordering, authenticated acks, server roles -------------
+
+
+class StaleSessionError(ProtocolError):
+    """A session older than the newest one applied to its volume, or unordered on an ordered one."""
+
+    code = "session.stale"
+
+
+class ForgedAckError(ProtocolError):
+    """An acknowledgement's MAC is wrong: the master target of this session did not make it."""
+
+    code = "ack.forged"
+
+
+class ServerRoleError(PeerRoleError):
+    """The server did not prove the role the client dialled (certificate of another role)."""
+
+    code = "tls.server_role"
+
+
+__all__ += ["ForgedAckError", "ServerRoleError", "StaleSessionError"]
+
+
+# --- memory bounds (hostile or huge disks) ----------------------------------------
+
+
+class DiskTooLargeError(DiskError):
+    """The disk is larger than this operation's configured memory bound allows."""
+
+    code = "disk.too_large"
+
+
+__all__ += ["DiskTooLargeError"]
+
+
+# --- replication bench ---------------------------------------------------------------
+
+
+class BenchStageFailedError(ReplicationError):
+    """A benchmark stage failed (a result that fails its check, a step that could not run)."""
+
+    code = "bench.stage_failed"
+
+
+__all__ += ["BenchStageFailedError"]

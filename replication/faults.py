@@ -2,11 +2,12 @@
 
 A crash point marks a moment where a crash must be survivable (between a write and
 its fsync, between an fsync and the ack that depends on it, between the two halves
-of a grain allocation). Tests start an agent with ``REPLICATION_CRASH_AT=NAME`` (or
-``NAME@N``: the N-th time the point is reached) and the process kills itself with
-SIGKILL right there, as a power cut or ``kill -9`` would; the test restarts it and
-checks that nothing acknowledged was lost. Without the variable a crash point costs
-one comparison.
+of a grain allocation, between an agent call of the orchestrator and the store
+write that records it). Tests start an agent (or the orchestrator CLI) with
+``REPLICATION_CRASH_AT=NAME`` (or ``NAME@N``: the N-th time the point is reached)
+and the process kills itself with SIGKILL right there, as a power cut or ``kill -9``
+would; the test restarts it and checks that nothing acknowledged was lost. Without
+the variable a crash point costs one comparison.
 
 Every point is listed in :data:`POINTS` (and so in docs/proving-ground.md); a name
 not listed is a programming error, caught by :func:`crash_point` at once.
@@ -28,6 +29,9 @@ POINTS: dict[str, str] = {
     "journal.appended": "master target: an undo record is written, not fsynced",
     "journal.synced": "master target: undo fsynced, the volume write not yet issued",
     "vmdk.grains_written": "VMDK: new grains written and fsynced, grain tables not yet",
+    "orchestrator.pair_started": "orchestrator: a pair started on its agent, not in the store",
+    "orchestrator.cut_prepared": "orchestrator: failover's cut holds all sources' writes, none cut",
+    "orchestrator.failover_released": "orchestrator: a volume released, the failover unrecorded",
 }
 
 

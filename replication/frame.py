@@ -8,7 +8,8 @@ the AES-256-GCM ciphertext and its 16-byte tag::
     0   4  magic  b"RPLF"          24  16  session salt
     4   1  version (1)             40   8  seq
     5   1  flags (bit 0: zstd,     48   8  offset
-             bit 1: marker)
+             bit 1: marker,
+             bit 2: ordered)
     6   1  codec id (1)            56   4  length (plaintext bytes)
     7   1  header length (64)      60   4  payload length (ciphertext + tag)
     8  16  disk id                 64   .. payload
@@ -19,7 +20,10 @@ the AES-256-GCM ciphertext and its 16-byte tag::
   derived from the plaintext except its compressed size.
 * Associated data = the whole 64-byte header: every field is authenticated.
 * Key = HKDF-SHA256(shared secret, salt=session salt) (:mod:`replication.keys`); each
-  :class:`FrameEncoder` is one session with a fresh random salt.
+  :class:`FrameEncoder` is one session with a fresh random salt. An *ordered* session
+  (flag ORDERED) puts its order number in the salt's first 8 bytes (big-endian) and
+  randomness in the other 8: authenticated twice (associated data, and the key),
+  so a relay can neither change nor forge it (:mod:`replication.ordering`).
 * Nonce = 4 zero bytes || seq (u64 big-endian). An encoder refuses a seq that is not
   greater than the last one it encoded, so a (key, nonce) pair is never reused.
 
@@ -53,6 +57,7 @@ from .errors import (
     UsageError,
 )
 from .keys import DEFAULT_CONTEXT, SALT_SIZE, derive_session_key, new_salt
+from .ordering import ORDER_SIZE, ordered_salt
 
 __all__ = [
     "CODEC_ZSTD_AES256GCM",
@@ -60,6 +65,7 @@ __all__ = [
     "DISK_ID_SIZE",
     "FLAG_COMPRESSED",
     "FLAG_MARKER",
+    "FLAG_ORDERED",
     "FRAME_MAGIC",
     "FRAME_VERSION",
     "HEADER_SIZE",
@@ -87,7 +93,11 @@ FLAG_COMPRESSED: Final = 0x01
 #: content: offset 0, never written to the volume. Inside the AEAD like any frame, so
 #: a relay can neither forge nor drop one unnoticed (the seq gap would show).
 FLAG_MARKER: Final = 0x02
-_KNOWN_FLAGS: Final = FLAG_COMPRESSED | FLAG_MARKER
+#: flags bit 2: the session salt starts with the session's order number (u64, >= 1); a
+#: master target refuses frames of a session older than the newest of their volume.
+#: Sent only when the peers agreed on SESSION_ORDER (older decoders reject the bit).
+FLAG_ORDERED: Final = 0x04
+_KNOWN_FLAGS: Final = FLAG_COMPRESSED | FLAG_MARKER | FLAG_ORDERED
 #: codec id 1: zstd (when flagged) + AES-256-GCM, HKDF-SHA256 keys, XXH3-128 digest.
 CODEC_ZSTD_AES256GCM: Final = 1
 SUPPORTED_CODECS: Final = (CODEC_ZSTD_AES256GCM,)
@@ -141,6 +151,13 @@ class FrameHeader:
     def marker(self) -> bool:
         """Whether the plaintext is a marker record rather than disk content."""
         return bool(self.flags & FLAG_MARKER)
+
+    @property
+    def order(self) -> int | None:
+        """The session's order number (ORDERED flag), or None for an unordered session."""
+        if not self.flags & FLAG_ORDERED:
+            return None
+        return int.from_bytes(self.salt[:ORDER_SIZE], "big")
 
     @property
     def body_length(self) -> int:
@@ -229,6 +246,8 @@ class FrameHeader:
             raise FrameFormatError(f"unknown frame flags 0x{self.flags:02x}")
         if self.marker and self.offset != 0:
             raise FrameFormatError(f"marker frame at offset {self.offset}, not 0")
+        if self.order == 0:
+            raise FrameFormatError("frame flags say ORDERED but the session order is 0")
         if self.codec not in SUPPORTED_CODECS:
             raise FrameFormatError(f"unknown frame codec id {self.codec}")
         if len(self.disk_id) != DISK_ID_SIZE or len(self.salt) != SALT_SIZE:
@@ -322,7 +341,9 @@ class FrameEncoder:
 
     ``salt`` is for tests and fixtures only: reusing a salt with the same secret
     restarts the nonce sequence of an old key. Leave it ``None`` (a fresh random
-    salt) in production.
+    salt) in production. With ``order`` (>= 1) the session is *ordered*: the salt
+    starts with it (:func:`replication.ordering.ordered_salt`) and every frame
+    carries the ORDERED flag.
     """
 
     def __init__(
@@ -333,9 +354,15 @@ class FrameEncoder:
         level: int = 1,
         salt: bytes | None = None,
         context: bytes = DEFAULT_CONTEXT,
+        order: int | None = None,
     ) -> None:
         if len(disk_id) != DISK_ID_SIZE:
             raise UsageError(f"disk id must be {DISK_ID_SIZE} bytes, not {len(disk_id)}")
+        if order is not None:
+            salt = ordered_salt(order) if salt is None else bytes(salt)
+            if int.from_bytes(salt[:ORDER_SIZE], "big") != order:
+                raise UsageError(f"salt {salt.hex()} does not start with order {order}")
+        self._order_flag = 0 if order is None else FLAG_ORDERED
         self._salt = new_salt() if salt is None else bytes(salt)
         self._aead = AESGCM(derive_session_key(secret, self._salt, context=context))
         self._disk_id = bytes(disk_id)
@@ -431,7 +458,7 @@ class FrameEncoder:
             offset=offset,
             length=length,
             payload_length=_nbytes(body) + PAYLOAD_OVERHEAD,
-            flags=flags | (FLAG_MARKER if marker else 0),
+            flags=flags | (FLAG_MARKER if marker else 0) | self._order_flag,
         )
         return header, digest, body
 

@@ -114,9 +114,18 @@ class HashMap:
         return min(self.block_size, self.covered_size - index * self.block_size)
 
     def zero_mask(self) -> np.ndarray:
-        """Return a bool array: True where the block is all zeros."""
-        ref = HashMap.empty(self.covered_size, self.block_size).digests
-        return self.digests == ref
+        """Return a bool array: True where the block is all zeros.
+
+        Compared with the zero digest as one scalar (and the short last block on
+        its own): no second map of the disk's size is built.
+        """
+        zero = np.frombuffer(zero_digest(self.block_size), dtype=_DIGEST)[0]
+        mask = self.digests == zero
+        tail = self.covered_size % self.block_size
+        if len(mask) and tail:
+            last = np.frombuffer(zero_digest(tail), dtype=_DIGEST)[0]
+            mask[-1] = self.digests[-1] == last
+        return mask
 
     def diff(self, other: HashMap) -> np.ndarray:
         """Return the sorted indexes of blocks whose digests differ from ``other``'s."""

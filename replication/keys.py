@@ -10,6 +10,10 @@ AES-256-GCM key from it with HKDF-SHA256::
 The salt travels in every frame header, so a decoder derives the same key from
 the same secret. Because each session has its own key, per-key nonces only have to
 be unique within one session (see :mod:`replication.frame`).
+
+The same secret and salt, under another HKDF ``info`` (:data:`ACK_CONTEXT`), key the
+MACs of the session's acknowledgements (:mod:`replication.acks`): a process server,
+which holds neither the secret nor any derived key, can relay acks but not make them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from .errors import ConfigError, UsageError
 
 __all__ = [
+    "ACK_CONTEXT",
     "DEFAULT_CONTEXT",
     "KEY_SIZE",
     "MIN_DERIVE_SECRET_SIZE",
@@ -36,6 +41,8 @@ __all__ = [
 
 #: HKDF ``info``: binds derived keys to this use, so the same secret can key other things.
 DEFAULT_CONTEXT = b"replication frame v1"
+#: HKDF ``info`` of the key that authenticates a session's acks (never its frames).
+ACK_CONTEXT = b"replication ack v1"
 #: Bytes of a derived key (AES-256).
 KEY_SIZE = 32
 #: Bytes of a session salt.

@@ -338,7 +338,11 @@ def _parse_delta(data: bytes, root: bytes, g: _Geometry) -> _Object:
 class ManifestStore:
     """Manifest objects of one volume in ``directory/objects/<root hex>``.
 
-    Not thread-safe; one owner (the master target).
+    Not thread-safe; one owner (the master target) opens it with the constructor,
+    which creates the directory and removes leftovers of its interrupted writes.
+    Anyone else (``replication verify`` beside a running master target) opens it
+    with :meth:`open_read_only`: no directory made, no file removed or written, so
+    the owner's write in flight (a ``.*.tmp`` not yet renamed) is left alone.
     """
 
     def __init__(
@@ -349,8 +353,13 @@ class ManifestStore:
         fanout: int = DEFAULT_FANOUT,
         max_chain: int = DEFAULT_MAX_CHAIN,
         delta_budget: float = DEFAULT_DELTA_BUDGET,
+        read_only: bool = False,
     ) -> None:
-        """Open (creating if needed) a store; leftovers of interrupted writes are removed."""
+        """Open (creating if needed) a store; leftovers of interrupted writes are removed.
+
+        ``read_only``: open an existing store only; create, remove and write nothing
+        (commit and gc raise ManifestError).
+        """
         if leaf_digests < 1 or fanout < 2 or fanout > 0xFFFF or max_chain < 0:
             raise UsageError("leaf_digests >= 1, 2 <= fanout <= 65535 and max_chain >= 0")
         self._dir = Path(directory) / OBJECTS_DIR
@@ -359,12 +368,26 @@ class ManifestStore:
         self._max_chain = max_chain
         self._budget = delta_budget
         self._cache: OrderedDict[bytes, _State] = OrderedDict()
+        self._read_only = read_only
+        if read_only:
+            if not self._dir.is_dir():
+                raise ManifestError(f"{directory} is not a manifest store (no {OBJECTS_DIR}/)")
+            return
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
             for tmp in self._dir.glob(".*.tmp"):
                 tmp.unlink()
         except OSError as err:
             raise ManifestError(f"open manifest store {self._dir}: {err}") from err
+
+    @classmethod
+    def open_read_only(cls, directory: str | os.PathLike[str]) -> ManifestStore:
+        """Open an existing store beside its owner (see the class docstring)."""
+        return cls(directory, read_only=True)
+
+    def _check_writable(self, what: str) -> None:
+        if self._read_only:
+            raise ManifestError(f"{what} in {self._dir}: the store was opened read-only")
 
     # --- public API ------------------------------------------------------------------
 
@@ -385,6 +408,7 @@ class ManifestStore:
         compared nor rehashed. Without it every digest is compared (vectorised). A
         root already stored is not written again.
         """
+        self._check_writable("commit")
         geometry = self._geometry(block_size, size)
         digests = _check_digests(digests, geometry.blocks).copy()
         base = self._state(_root_bytes(parent)) if parent is not None else None
@@ -467,6 +491,7 @@ class ManifestStore:
         A kept delta keeps its whole chain down to its full object. A kept root that
         is missing raises ManifestNotFoundError before anything is deleted.
         """
+        self._check_writable("gc")
         marked: set[bytes] = set()
         for root in keep:
             marked |= self._chain(_root_bytes(root))

@@ -8,8 +8,10 @@ from the disk, qemu, VMware bumping the CID) changes the token and the map is
 recomputed from the disk. Block devices have no usable token and are always read.
 
 Entries live in ``$REPLICATION_CACHE_DIR`` (default ``~/.cache/replication``),
-``maps/<sha256 of the real path, block size, covered size>.rmap``, written with
-write-then-rename.
+``maps/<sha256 of the disk's key, block size, covered size>.rmap``, written with
+write-then-rename. A local disk's key is its real path; a page blob's is its URL
+(account included, no SAS): the same blob named by a URL or by ``pageblob:C/B``
+shares one entry, and neither depends on the working directory.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import os
 from pathlib import Path
 
 from .disks.base import Disk
+from .disks.pageblob import PageBlobDisk, is_pageblob_spec
 from .errors import HashMapFormatError
 from .hashmap import HashMap
 
-__all__ = ["MapCache", "default_cache_dir"]
+__all__ = ["MapCache", "default_cache_dir", "disk_key"]
 
 
 def default_cache_dir() -> Path:
@@ -35,6 +38,15 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "replication"
 
 
+def disk_key(disk: Disk) -> str:
+    """What names ``disk`` in the cache: the blob's URL, or the file's real path."""
+    if isinstance(disk, PageBlobDisk):
+        return disk.identity
+    if is_pageblob_spec(disk.path):  # a wrapper around a blob: its path is already a URL
+        return disk.path
+    return os.path.realpath(disk.path)
+
+
 class MapCache:
     """Stores and returns hash maps of disks keyed by path and geometry."""
 
@@ -42,7 +54,7 @@ class MapCache:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
 
     def _entry(self, disk: Disk, block_size: int, covered_size: int) -> Path:
-        key = f"{os.path.realpath(disk.path)}\0{block_size}\0{covered_size}"
+        key = f"{disk_key(disk)}\0{block_size}\0{covered_size}"
         name = hashlib.sha256(key.encode()).hexdigest()[:32]
         return self.directory / "maps" / f"{name}.rmap"
 

@@ -45,3 +45,40 @@ PARKED_SESSIONS = Gauge(
     "Sessions the process server stopped forwarding after a permanent refusal",
 )
 __all__ += ["PARKED_SESSIONS"]
+
+# --- detection of relay faults (design F4) ----------------------------------------------
+
+FORWARD_RETRYING = Gauge(
+    "replication_forward_retrying_sessions",
+    "Sessions whose forwarding to the master target failed and is being retried",
+)
+FORWARD_FAILURES = Counter(
+    "replication_forward_failures",
+    "Failed attempts to forward a session to the master target, by reason "
+    "(an error code such as relay.stalled, else the gRPC status)",
+    ["reason"],
+)
+MASTER_TARGET_UP = Gauge(
+    "replication_master_target_up",
+    "1 if the process server's last probe of its master target was answered, else 0",
+)
+SPOOL_LIMIT_BYTES = Gauge(
+    "replication_spool_limit_bytes", "The process server's --spool-limit (read spool_bytes by it)"
+)
+PAIRS = Gauge("replication_pairs", "A source agent's pairs, by state", ["state"])
+__all__ += [
+    "FORWARD_FAILURES",
+    "FORWARD_RETRYING",
+    "MASTER_TARGET_UP",
+    "PAIRS",
+    "SPOOL_LIMIT_BYTES",
+]
+
+# --- authenticated acks (docs/security.md) ------------------------------------------------
+
+REJECTED_ACKS = Counter(
+    "replication_rejected_acks",
+    "PERSISTED acks a source refused: a MAC that is not the master target's, by error code",
+    ["code"],
+)
+__all__ += ["REJECTED_ACKS"]

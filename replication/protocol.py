@@ -23,6 +23,8 @@ from .errors import ProtocolVersionError
 __all__ = [
     "PROTOCOL_MAX",
     "PROTOCOL_MIN",
+    "REQUIRED_BY_SOURCE",
+    "SUPPORTED_FEATURES",
     "AckLevel",
     "Agreed",
     "Feature",
@@ -46,12 +48,27 @@ class Feature(enum.IntFlag):
     #: sessions may end with an epoch-end marker frame (frame flag MARKER), which a
     #: master target records and never writes
     EPOCH_MARKERS = 8
+    #: frames carry the session's order number in their authenticated salt (frame flag
+    #: ORDERED); a master target refuses a session older than the newest of its volume
+    SESSION_ORDER = 16
+    #: PERSISTED acks and session states carry the master target's MAC; the process
+    #: server relays it unchanged (it cannot make one)
+    ACK_MAC = 32
 
 
 #: every feature this build implements
 SUPPORTED_FEATURES = (
-    Feature.ZSTD | Feature.HASHMAP_RESYNC | Feature.RECEIVED_ACK | Feature.EPOCH_MARKERS
+    Feature.ZSTD
+    | Feature.HASHMAP_RESYNC
+    | Feature.RECEIVED_ACK
+    | Feature.EPOCH_MARKERS
+    | Feature.SESSION_ORDER
+    | Feature.ACK_MAC
 )
+#: what a source requires of its process server: both close a hole the process server
+#: itself could exploit, so a relay that leaves them out (an old build, or one
+#: downgrading on purpose) is refused rather than trusted as before
+REQUIRED_BY_SOURCE = Feature.SESSION_ORDER | Feature.ACK_MAC
 
 
 class AckLevel(enum.IntEnum):
@@ -82,6 +99,15 @@ class Agreed:
     def has(self, feature: Feature) -> bool:
         """Return whether both peers support ``feature``."""
         return bool(self.features & feature)
+
+    def require(self, features: Feature, peer: str) -> None:
+        """Raise ProtocolVersionError unless both peers support every one of ``features``."""
+        missing = [f.name for f in Feature if f & features and not f & self.features]
+        if missing:
+            raise ProtocolVersionError(
+                f"the {peer} does not offer {', '.join(missing)}, which this agent requires",
+                hint=f"upgrade the {peer} (and its master target first)",
+            )
 
 
 def negotiate(local: Hello, remote: Hello) -> Agreed:

@@ -28,7 +28,7 @@ from .errors import (
     UnknownVolumeError,
     VolumeExistsError,
 )
-from .tls import ERROR_CODE_METADATA, server_credentials
+from .tls import ERROR_CODE_METADATA, RoleProver, server_credentials
 
 __all__ = ["abort_with", "create_server", "start_metrics"]
 
@@ -44,6 +44,16 @@ _STATUS = (
     (OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
     (FrameError, grpc.StatusCode.DATA_LOSS),
     (ProtocolError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+#: let clients' keepalive pings through instead of answering them with GOAWAY
+#: too_many_pings (gRPC's default: at most one ping per 5 minutes without data). A
+#: process server pings its master target every 5 s, idle or not
+#: (``agents/process_server/liveness.py``); 4 s leaves a second for timer jitter.
+KEEPALIVE_SERVER_OPTIONS = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 4000),
 )
 
 
@@ -85,9 +95,11 @@ def create_server(
     """Build, bind and start a mutual-TLS server; return it, its port and its health."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        interceptors=[RoleProver(identity)],  # clients check this server's role per call
         options=[
             ("grpc.max_receive_message_length", 80 << 20),
             ("grpc.max_send_message_length", 80 << 20),
+            *KEEPALIVE_SERVER_OPTIONS,
         ],
     )
     add_servicers(server)

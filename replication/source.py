@@ -11,6 +11,12 @@ PERSISTED, so that after a cut the very same bytes are sent again
 (:meth:`resend_after`): re-sealing would reuse a nonce if the disk had changed in
 between. The window of kept frames is bounded by ``window_bytes``: a caller stops
 asking for frames while :meth:`window_full` is true and resumes on acks.
+
+With ``order`` the session is ordered (its salt carries the number, design S7), and
+with ``authenticate_acks`` a PERSISTED ack, or a persisted seq to resume after, is
+acted on only with the master target's MAC (:mod:`replication.acks`): one without a
+MAC is ignored, one with a wrong MAC raises :class:`ForgedAckError`. Either way no
+frame is dropped for it.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .acks import AckAuthenticator
 from .blocks import block_runs
 from .disks import Disk
+from .errors import ForgedAckError
 from .frame import FrameEncoder
 from .hashmap import HashMap
 from .protocol import AckLevel
@@ -46,6 +54,8 @@ class SourceStats:
     blocks_persisted: int = 0
     persisted_seq: int = 0
     received_seq: int = 0
+    #: PERSISTED acks (or resume points) ignored: no MAC where one is required
+    unauthenticated_acks: int = 0
 
 
 class SourceSession:
@@ -60,11 +70,15 @@ class SourceSession:
         block_size: int,
         zstd_level: int = 1,
         window_bytes: int = 64 << 20,
+        order: int | None = None,
+        authenticate_acks: bool = False,
     ) -> None:
         self.disk = disk
         self.volume = volume
         self.block_size = block_size
-        self._encoder = FrameEncoder(secret, volume_disk_id(volume), level=zstd_level)
+        self._encoder = FrameEncoder(secret, volume_disk_id(volume), level=zstd_level, order=order)
+        self._acks = AckAuthenticator(secret, volume, self._encoder.session_salt)
+        self._authenticate_acks = authenticate_acks
         self._window = window_bytes
         # seq -> (frame, blocks it carries); kept until PERSISTED, for resends
         self._unacked: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
@@ -156,20 +170,39 @@ class SourceSession:
         self.stats.bytes_framed += len(frame)
         return self._seq, frame
 
-    def on_ack(self, seq: int, level: AckLevel) -> None:
-        """Record an acknowledgement; PERSISTED releases the frames it covers."""
-        if level == AckLevel.RECEIVED:
+    def on_ack(self, seq: int, level: AckLevel, mac: bytes = b"") -> bool:
+        """Record an acknowledgement; PERSISTED releases the frames it covers.
+
+        Returns whether the ack was acted on. With ``authenticate_acks`` a PERSISTED
+        ack without a MAC is not (counted in ``stats.unauthenticated_acks``) and one
+        with a wrong MAC raises :class:`ForgedAckError`, before anything changes.
+        """
+        if level == AckLevel.RECEIVED:  # the relay's own word: display and flow only
             self.stats.received_seq = max(self.stats.received_seq, seq)
-            return
+            return True
+        if self._authenticate_acks and not self._acks.check(seq, level, mac):
+            self.stats.unauthenticated_acks += 1
+            return False
+        if seq > self._seq:
+            # the master target cannot have persisted what was never sealed
+            raise ForgedAckError(
+                f"PERSISTED ack of seq {seq} on {self.volume!r}: only {self._seq} were sent"
+            )
         self.stats.persisted_seq = max(self.stats.persisted_seq, seq)
         while self._unacked and next(iter(self._unacked)) <= seq:
             _, (frame, blocks) = self._unacked.popitem(last=False)
             self._unacked_bytes -= len(frame)
             self.stats.blocks_persisted += blocks
+        return True
 
-    def resend_after(self, persisted_seq: int) -> list[tuple[int, bytes]]:
-        """Return the kept frames after ``persisted_seq``, to send again after a cut."""
-        self.on_ack(persisted_seq, AckLevel.PERSISTED)
+    def resend_after(self, persisted_seq: int, mac: bytes = b"") -> list[tuple[int, bytes]]:
+        """Return the kept frames after ``persisted_seq``, to send again after a cut.
+
+        An unauthenticated ``persisted_seq`` (see :meth:`on_ack`) releases nothing:
+        every kept frame is sent again, and the master target acknowledges those it
+        already has without applying them.
+        """
+        self.on_ack(persisted_seq, AckLevel.PERSISTED, mac)
         return [(seq, frame) for seq, (frame, _blocks) in self._unacked.items()]
 
     def complete(self) -> bool:

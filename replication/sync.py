@@ -18,6 +18,13 @@ Theory of operation
 Invariants: a dry run writes nothing; the target is never written outside the
 source's size (its tail, if larger, is left alone); only differing blocks are
 written.
+
+Memory is bounded by configuration, not by the disks' sizes: the plan holds two
+maps of the whole source (16 bytes per block each, the map cache stores one of
+them whole). A source whose maps would exceed ``SyncOptions.max_map_bytes`` is
+refused with :class:`~replication.errors.DiskTooLargeError` before anything is
+allocated or read (a 100-byte descriptor may claim 512 TiB of zeros); a larger
+block size, or a larger bound, syncs it.
 """
 
 from __future__ import annotations
@@ -33,10 +40,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .blocks import DEFAULT_BLOCK_SIZE, block_runs, check_block_size
+from .blocks import DEFAULT_BLOCK_SIZE, block_count, block_runs, check_block_size
 from .disks import Disk, open_disk
 from .disks.base import zero_buffer
-from .errors import DiskSizeMismatchError, UsageError
+from .errors import DiskSizeMismatchError, DiskTooLargeError, UsageError
 from .hashmap import HashMap, compute_maps
 from .mapcache import MapCache
 
@@ -44,6 +51,10 @@ __all__ = ["SyncOptions", "SyncReport", "sync_disks", "sync_paths"]
 
 #: bytes moved per run (one frame, one target write)
 RUN_BYTES = 1 << 20
+#: default bound on the two hash maps of a sync: 8 TiB at 64 KiB blocks, 512 TiB at 4 MiB
+MAX_MAP_BYTES = 4 << 30
+#: bytes of map per block: the source's and the target's digest
+_MAP_BYTES_PER_BLOCK = 32
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
@@ -58,6 +69,8 @@ class SyncOptions:
     cache_dir: str | None = None
     workers: int = 2
     zstd_level: int = 1
+    #: refuse a source whose two hash maps would take more bytes than this
+    max_map_bytes: int = MAX_MAP_BYTES
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ def sync_disks(
     """Make ``target`` hold ``source``'s bytes over the source's size, moving only deltas."""
     options = options or SyncOptions()
     check_block_size(options.block_size)
+    _check_map_bound(source, options)
     if target.virtual_size < source.virtual_size:
         raise DiskSizeMismatchError(
             f"target {target.path} ({target.virtual_size} bytes) is smaller than source "
@@ -143,6 +157,17 @@ def sync_disks(
         dry_run=options.dry_run,
         seconds=round(time.monotonic() - started, 3),
     )
+
+
+def _check_map_bound(source: Disk, options: SyncOptions) -> None:
+    """Refuse, before any map is allocated, a source whose maps exceed the bound."""
+    need = _MAP_BYTES_PER_BLOCK * block_count(source.virtual_size, options.block_size)
+    if need > options.max_map_bytes:
+        raise DiskTooLargeError(
+            f"{source.path}: {source.virtual_size} bytes in {options.block_size}-byte blocks "
+            f"need {need} bytes of hash maps; the bound is {options.max_map_bytes}",
+            hint="use a larger --block-size, or raise --max-map-memory if the size is real",
+        )
 
 
 def _refuse_same_file(source: str, target: str) -> None:

@@ -37,11 +37,9 @@ Limits
   alone): its bytes past SOURCE's size are not compared. A smaller TARGET, or a disk
   smaller than the manifest, differs.
 * Reading a manifest store does not take the volume's journal lock (the master
-  target holds it while it runs); a point pruned meanwhile is a typed error. But
-  opening a :class:`ManifestStore` removes leftover ``.*.tmp`` files, including one
-  its running owner is writing: that point's commit then fails (and is retried at the
-  next marker). Until the store has a read-only open, verify against a copy of the
-  store, or accept that rare failure (``tests/unit/test_verify.py``, strict xfail).
+  target holds it while it runs); a point pruned meanwhile is a typed error. The
+  store is opened read-only (:meth:`ManifestStore.open_read_only`): verify creates,
+  removes and writes nothing in it, so the owner's commit in flight is left alone.
 """
 
 from __future__ import annotations
@@ -425,7 +423,7 @@ def open_store(store_dir: str, root: str) -> ManifestStore:
             f"{store_dir} is not a manifest store (no {OBJECTS_DIR}/ directory)",
             hint="the master target keeps them in DATA_DIR/history/VOLUME/manifests",
         )
-    store = ManifestStore(store_dir)
+    store = ManifestStore.open_read_only(store_dir)  # its owner may be writing
     if not store.exists(root):
         raise ManifestNotFoundError(
             f"manifest {root} is not in {store_dir}",

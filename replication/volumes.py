@@ -8,12 +8,20 @@ are untrusted: :func:`validate_volume_name` admits ``[A-Za-z0-9._-]{1,64}`` exce
 Two kinds of volumes:
 
 * **registered**: configured by the operator (``name -> path``), anywhere on the
-  host (a block device, an existing VMDK). The registry never creates or moves them.
+  host (a block device, an existing VMDK) or an Azure page blob (``pageblob+URL``, a
+  fixed VHD: docs/pageblob.md). The registry never creates or moves them.
 * **created**: made by :meth:`VolumeRegistry.create` as ``<datastore>/<name>/<name>.vmdk``
   and recorded in ``<datastore>/volumes.json`` so a restart knows them. The manifest
   stores names, never paths: a created volume's path is always derived from the
   datastore, and checked with ``realpath`` so a symlink planted in the datastore
   cannot redirect writes outside it.
+
+A volume can be **released** (:meth:`VolumeRegistry.release`): the master target
+stops owning it so another writer may have its disk (failover hands the recovered
+VMDKs over to the VMs). Releases are recorded in ``<state dir>/released-volumes.json``
+as ``name -> path``, so a restart with the same configuration does not take the disk
+back; registering the name at another path, or :meth:`~VolumeRegistry.create` with
+the same name and size, does. The disk itself is never touched.
 
 :func:`volume_disk_id` gives the 16-byte disk id that frames for a volume carry; the
 source agent uses the same function, so a frame sealed for one volume can never be
@@ -32,6 +40,7 @@ from pathlib import Path
 
 from .disks import create_disk, open_disk
 from .disks.base import io_error
+from .disks.pageblob import is_pageblob_spec, parse_spec
 from .durable import fsync_dir, write_atomically
 from .errors import (
     ConfigError,
@@ -44,6 +53,7 @@ from .frame import DISK_ID_SIZE
 
 __all__ = [
     "MANIFEST_NAME",
+    "RELEASED_NAME",
     "VolumeInfo",
     "VolumeRegistry",
     "validate_volume_name",
@@ -53,6 +63,8 @@ __all__ = [
 #: File in the datastore that lists the volumes created there.
 MANIFEST_NAME = "volumes.json"
 MANIFEST_VERSION = 1
+#: File in the master target's state directory that lists the volumes it released.
+RELEASED_NAME = "released-volumes.json"
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DISK_ID_DOMAIN = b"replication volume\0"
 
@@ -101,12 +113,17 @@ class VolumeRegistry:
         self,
         registered: Mapping[str, str | os.PathLike[str]],
         datastore: str | os.PathLike[str] | None,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._registered = {
-            validate_volume_name(name): os.fspath(path) for name, path in registered.items()
+            validate_volume_name(name): _registered_path(name, path)
+            for name, path in registered.items()
         }
         self._datastore = None if datastore is None else Path(datastore)
         self._created = self._load_manifest()
+        self._state_dir = None if state_dir is None else Path(state_dir)
+        self._released = self._load_released()  # name -> its path when released
         both = sorted(set(self._registered) & set(self._created))
         if both:
             raise ConfigError(
@@ -117,12 +134,21 @@ class VolumeRegistry:
     # -- lookups --------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        """Return every volume name, sorted."""
-        return sorted({*self._registered, *self._created})
+        """Return every volume name, sorted (released ones are no longer volumes)."""
+        return sorted(n for n in {*self._registered, *self._created} if not self._is_released(n))
 
     def path(self, name: str) -> str:
         """Return the disk path of volume ``name`` without opening it."""
         validate_volume_name(name)
+        if self._is_released(name):
+            raise UnknownVolumeError(
+                f"volume {name!r} was released: this master target no longer owns its disk",
+                hint="CreateVolume with its name and size takes it back",
+            )
+        return self._known_path(name)
+
+    def _known_path(self, name: str) -> str:
+        """The disk path of a registered or created volume, released or not."""
         if name in self._registered:
             return self._registered[name]
         if name in self._created:
@@ -175,6 +201,8 @@ class VolumeRegistry:
         ConfigError if there is no datastore.
         """
         validate_volume_name(name)
+        if self._is_released(name):
+            return self._take_back(name, size, subformat)
         if name in self._registered or name in self._created:
             return self._existing(name, size, subformat)
         path = self._datastore_path(name)  # also refuses when there is no datastore
@@ -239,6 +267,83 @@ class VolumeRegistry:
             )
         return path
 
+    # -- release --------------------------------------------------------------------
+
+    def release(self, name: str) -> VolumeInfo:
+        """Stop owning volume ``name``, durably; idempotent. Return what it was.
+
+        Only the registry's record changes: the caller (the applier) has closed every
+        handle first. Raises UnknownVolumeError for a name never known.
+        """
+        validate_volume_name(name)
+        if self._is_released(name):
+            return self._describe(name, self._released[name])
+        info = self._describe(name, self.path(name))
+        self._released[name] = info.path
+        try:
+            self._save_released()
+        except BaseException:
+            del self._released[name]  # not durable: still ours
+            raise
+        return info
+
+    def _is_released(self, name: str) -> bool:
+        # a registration at another path is another disk: not the one released
+        path = self._released.get(name)
+        known = name in self._registered or name in self._created
+        return path is not None and known and path == self._known_path(name)
+
+    def _take_back(self, name: str, size: int, subformat: str) -> VolumeInfo:
+        """CreateVolume of a released name: own its disk again if it is what is asked."""
+        path = self._released.pop(name)
+        try:
+            info = self._existing(name, size, subformat)
+            self._save_released()
+        except BaseException:
+            self._released[name] = path
+            raise
+        return info
+
+    def _describe(self, name: str, path: str) -> VolumeInfo:
+        """The volume's info, or a broken one if its disk cannot be opened."""
+        try:
+            with open_disk(path) as disk:
+                d = disk.info()
+        except ReplicationError as err:
+            return VolumeInfo(name, path, 0, "", "", name in self._created, f"{err.code}: {err}")
+        return VolumeInfo(name, path, d.virtual_size, d.format, d.subformat, name in self._created)
+
+    def _released_path(self) -> Path:
+        if self._state_dir is None:
+            raise ConfigError(
+                "this registry has no state directory to record released volumes in",
+                hint="give the master target a --data-dir",
+            )
+        return self._state_dir / RELEASED_NAME
+
+    def _load_released(self) -> dict[str, str]:
+        if self._state_dir is None or not (self._state_dir / RELEASED_NAME).exists():
+            return {}
+        path = self._state_dir / RELEASED_NAME
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"unsupported version {doc.get('version')!r}")
+            return {validate_volume_name(n): str(p) for n, p in doc["released"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"released volumes {path} are unreadable: {err}") from err
+        except InvalidVolumeNameError as err:
+            raise ConfigError(f"released volumes {path}: {err}") from err
+
+    def _save_released(self) -> None:
+        """Write the released list durably (temporary file, fsync, rename, fsync dir)."""
+        path = self._released_path()
+        doc = {"version": MANIFEST_VERSION, "released": dict(sorted(self._released.items()))}
+        try:
+            write_atomically(path, json.dumps(doc, indent=1).encode())
+        except OSError as err:
+            raise io_error(f"write released volumes {path}", err) from err
+
     # -- manifest -------------------------------------------------------------------
 
     def _manifest_path(self) -> Path | None:
@@ -276,6 +381,23 @@ class VolumeRegistry:
             write_atomically(path, json.dumps(doc, indent=1, sort_keys=True).encode())
         except OSError as err:
             raise io_error(f"write volume manifest {path}", err) from err
+
+
+def _registered_path(name: str, path: str | os.PathLike[str]) -> str:
+    """A registered volume's path; a page blob spec is checked here, before any network.
+
+    A blob volume (``pageblob+URL`` or ``pageblob:CONTAINER/BLOB``, see docs/pageblob.md)
+    is opened like a file; only its history stays local, under the data directory.
+    """
+    path = os.fspath(path)
+    if is_pageblob_spec(path):
+        spec = parse_spec(path)  # UsageError for a malformed spec
+        if spec.snapshot:
+            raise ConfigError(
+                f"volume {name!r}: {spec.display} is a blob snapshot, which cannot be written",
+                hint="register the base blob (without ?snapshot=) as the volume",
+            )
+    return path
 
 
 def _make_dir(path: str) -> None:

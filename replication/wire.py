@@ -65,6 +65,7 @@ class AckMsg:
     session: bytes
     seq: int
     level: AckLevel
+    mac: bytes = b""  # the master target's, on PERSISTED (replication.acks)
 
 
 @dataclass(frozen=True)
@@ -132,16 +133,25 @@ def source_message_from_pb(m: data_pb2.SourceMessage) -> SourceMsg:
     raise RemoteProtocolError("empty SourceMessage")
 
 
+def opened_volume(m: data_pb2.SourceMessage) -> str | None:
+    """The volume a SourceMessage opens a session on; None for frames and closes (cheap)."""
+    return m.open.session.volume if m.WhichOneof("body") == "open" else None
+
+
 def ack_to_pb(a: AckMsg) -> common_pb2.Ack:
     sid = common_pb2.SessionId(volume=a.volume, session=a.session)
-    return common_pb2.Ack(session=sid, seq=a.seq, level=int(a.level))
+    return common_pb2.Ack(session=sid, seq=a.seq, level=int(a.level), mac=a.mac)
 
 
 def ack_from_pb(m: common_pb2.Ack) -> AckMsg:
     if m.level not in (AckLevel.RECEIVED, AckLevel.PERSISTED):
         raise RemoteProtocolError(f"ack with unknown level {m.level}")
     return AckMsg(
-        volume=m.session.volume, session=m.session.session, seq=m.seq, level=AckLevel(m.level)
+        volume=m.session.volume,
+        session=m.session.session,
+        seq=m.seq,
+        level=AckLevel(m.level),
+        mac=m.mac,
     )
 
 
@@ -178,16 +188,24 @@ def session_id_from_pb(m: common_pb2.SessionId) -> tuple[str, bytes]:
 
 
 def session_state_to_pb(
-    volume: str, session: bytes, persisted: int, received: int = 0
+    volume: str, session: bytes, persisted: int, received: int = 0, mac: bytes = b""
 ) -> data_pb2.SessionState:
     return data_pb2.SessionState(
-        session=session_id_to_pb(volume, session), persisted_seq=persisted, received_seq=received
+        session=session_id_to_pb(volume, session),
+        persisted_seq=persisted,
+        received_seq=received,
+        mac=mac,
     )
 
 
 def session_state_from_pb(m: data_pb2.SessionState) -> tuple[int, int]:
     """Return (persisted_seq, received_seq)."""
     return m.persisted_seq, m.received_seq
+
+
+def session_state_mac_from_pb(m: data_pb2.SessionState) -> bytes:
+    """Return the master target's MAC of ``persisted_seq`` (empty: none relayed)."""
+    return m.mac
 
 
 def volume_to_pb(name: str, size: int, fmt: str, subformat: str) -> control_pb2.Volume:
@@ -300,6 +318,10 @@ def volumes_from_pb(m: control_pb2.ListVolumesResponse) -> list[VolumeInfo]:
 
 def create_volume_to_pb(name: str, size: int, subformat: str) -> control_pb2.CreateVolumeRequest:
     return control_pb2.CreateVolumeRequest(name=name, size=size, subformat=subformat)
+
+
+def release_volume_to_pb(name: str) -> control_pb2.ReleaseVolumeRequest:
+    return control_pb2.ReleaseVolumeRequest(name=name)
 
 
 def start_pair_to_pb(disk: str, volume: str) -> control_pb2.StartPairRequest:

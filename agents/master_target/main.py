@@ -15,7 +15,7 @@ from replication.server import create_server, start_metrics, wait_for_signal
 from replication.v1 import control_pb2_grpc, data_pb2_grpc
 from replication.volumes import VolumeRegistry
 
-from .service import ControlService, MasterTargetService
+from .service import ControlService, OpenVolumes, TrackedMasterTargetService
 
 #: threads decoding frames besides the streams' readers. 0: each Apply stream's reader
 #: thread decodes what it reads (AES-GCM, zstd and XXH3 release the GIL), overlapping
@@ -51,7 +51,9 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
     data_dir = Path(settings["data_dir"])
     data_dir.mkdir(parents=True, exist_ok=True)
     registry = VolumeRegistry(
-        dict(parse_assignments(settings["volume"], "--volume")), settings["datastore"]
+        dict(parse_assignments(settings["volume"], "--volume")),
+        settings["datastore"],
+        state_dir=data_dir,  # the volumes it released stay released after a restart
     )
     policy = HistoryPolicy(
         retention_seconds=parse_duration(settings["retention"]),
@@ -67,11 +69,14 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
         decode_workers=DECODE_WORKERS,
     )
     lock = threading.Lock()
+    open_volumes = OpenVolumes()  # what ReleaseVolume must wait for
 
     def add(server):
-        data_pb2_grpc.add_MasterTargetServicer_to_server(MasterTargetService(applier, lock), server)
+        data_pb2_grpc.add_MasterTargetServicer_to_server(
+            TrackedMasterTargetService(applier, lock, open_volumes), server
+        )
         control_pb2_grpc.add_ControlServicer_to_server(
-            ControlService(registry, applier, lock), server
+            ControlService(registry, applier, lock, open_volumes), server
         )
 
     server, port, _ = create_server(settings["listen"], identity, add, workers=RPC_WORKERS)

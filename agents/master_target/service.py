@@ -15,11 +15,18 @@ arrived meanwhile.
 Commits are shared by every stream (:class:`GroupCommit`): with many sources each
 applying small batches, one round flushes every touched volume and records every
 session in one SQLite transaction.
+
+``ReleaseVolume`` hands a volume's disk over to another writer: refused while an
+Apply stream has a session open on it (:class:`OpenVolumes` counts them, from the
+OpenSession read off the wire until the stream ends, through
+:class:`TrackedMasterTargetService`) or while frames of it are uncommitted; then the
+applier closes its handles and the registry forgets it, both under the applier lock.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +36,7 @@ import grpc
 
 from replication import metrics, tls, wire
 from replication.disks import open_disk
-from replication.errors import RemoteProtocolError, ReplicationError
+from replication.errors import RemoteProtocolError, ReplicationError, VolumeInUseError
 from replication.frame import peek_header
 from replication.protocol import AckLevel, Hello
 from replication.server import abort_with, answer_handshake
@@ -75,9 +82,10 @@ class MasterTargetService(data_pb2_grpc.MasterTargetServicer):
         try:
             with self._lock:
                 persisted = self._applier.session_state(volume, session)
+                mac = self._applier.ack_mac(volume, session, persisted)
         except ReplicationError as err:
             abort_with(context, err)
-        return wire.session_state_to_pb(volume, session, persisted)
+        return wire.session_state_to_pb(volume, session, persisted, mac=mac)
 
     def Apply(self, request_iterator, context):
         tls.require_role(context, "process-server")
@@ -112,8 +120,10 @@ class MasterTargetService(data_pb2_grpc.MasterTargetServicer):
                 if persisted > acked[opened]:
                     acked[opened] = persisted
                     volume, session = opened
+                    with self._lock:
+                        mac = self._applier.ack_mac(volume, session, persisted)
                     yield wire.ack_to_pb(
-                        wire.AckMsg(volume, session, persisted, AckLevel.PERSISTED)
+                        wire.AckMsg(volume, session, persisted, AckLevel.PERSISTED, mac)
                     )
         finally:
             self._commits.forget(acked)
@@ -270,13 +280,80 @@ class GroupCommit:
                 self._persisted.pop(key, None)
 
 
+class OpenVolumes:
+    """The volumes Apply streams have a session open on right now (thread-safe).
+
+    A stream counts from the moment its OpenSession is read off the wire (before the
+    handler applies it) until the stream ends, however it ends; a stream that ended
+    counts nothing more, even if its reader thread still sees a message.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count: collections.Counter[str] = collections.Counter()
+
+    def busy(self, volume: str) -> bool:
+        with self._lock:
+            return self._count[volume] > 0
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[_StreamWatch]:
+        """The life of one Apply stream; ``watch`` its requests."""
+        watch = _StreamWatch(self)
+        try:
+            yield watch
+        finally:
+            with self._lock:
+                watch.ended = True
+                for volume in watch.volumes:
+                    self._count[volume] -= 1
+                self._count += collections.Counter()  # drops the zero counts
+
+    def _opened(self, watch: _StreamWatch, volume: str) -> None:
+        with self._lock:
+            if not watch.ended and volume not in watch.volumes:
+                watch.volumes.add(volume)
+                self._count[volume] += 1
+
+
+class _StreamWatch:
+    """One stream's volumes, seen as its requests pass by."""
+
+    def __init__(self, owner: OpenVolumes) -> None:
+        self.owner = owner
+        self.volumes: set[str] = set()
+        self.ended = False
+
+    def watch(self, requests: Iterator) -> Iterator:
+        for pb in requests:
+            volume = wire.opened_volume(pb)
+            if volume is not None:
+                self.owner._opened(self, volume)
+            yield pb
+
+
+class TrackedMasterTargetService(MasterTargetService):
+    """The data service, with its Apply streams counted in :class:`OpenVolumes`."""
+
+    def __init__(self, applier, lock: threading.Lock, open_volumes: OpenVolumes) -> None:
+        super().__init__(applier, lock)
+        self._open_volumes = open_volumes
+
+    def Apply(self, request_iterator, context):
+        with self._open_volumes.stream() as seen:
+            yield from super().Apply(seen.watch(request_iterator), context)
+
+
 class ControlService(control_pb2_grpc.ControlServicer):
     """Control service of a master target: status and volumes."""
 
-    def __init__(self, registry, applier, lock: threading.Lock) -> None:
+    def __init__(
+        self, registry, applier, lock: threading.Lock, open_volumes: OpenVolumes | None = None
+    ) -> None:
         self._registry = registry
         self._applier = applier
         self._lock = lock
+        self._open_volumes = open_volumes or OpenVolumes()
         self._started = time.monotonic()
 
     def Status(self, request, context):
@@ -304,6 +381,26 @@ class ControlService(control_pb2_grpc.ControlServicer):
         except ReplicationError as err:
             abort_with(context, err)
         return _volume_pb(info)
+
+    def ReleaseVolume(self, request, context):
+        tls.require_role(context, "orchestrator")
+        try:
+            with self._lock:  # no frame is applied to it meanwhile
+                info = self._release(request.name)
+        except ReplicationError as err:
+            abort_with(context, err)
+        return _volume_pb(info)
+
+    def _release(self, name: str):
+        if self._open_volumes.busy(name):
+            raise VolumeInUseError(
+                f"volume {name!r} has a data session open",
+                hint="stop the pair that replicates into it (StopPair, or failover), "
+                "then release it again",
+            )
+        if name in self._registry.names():  # else: released already, or unknown
+            self._applier.release(name)
+        return self._registry.release(name)
 
     def ListPoints(self, request, context):
         tls.require_role(context, "orchestrator", "process-server", "source")

@@ -13,8 +13,10 @@ from replication.spool import DEFAULT_SEGMENT_SIZE, Spool
 from replication.tls import secure_channel
 from replication.v1 import control_pb2_grpc, data_pb2_grpc
 
+from .liveness import CHANNEL_OPTIONS
 from .relay import Relay
 from .service import ProcessServerControl, ProcessServerService
+from .watchdog import TargetProbe
 
 #: RPC threads: every source's Replicate stream holds one for its whole life, so this
 #: bounds the sources served at once (a fan-in of 100 sources needs 100 of them)
@@ -54,16 +56,21 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
     limit = int(settings["spool_limit"])
     spool = Spool.open(spool_dir, limit_bytes=limit, segment_size=segment_size_for(limit))
     channel = secure_channel(
-        settings["master_target"], identity, server_host=settings["master_target_host"]
+        settings["master_target"],
+        identity,
+        server_host=settings["master_target_host"],
+        options=CHANNEL_OPTIONS,  # keepalive: a dead link is closed within seconds
+        expect_role="master-target",  # a certificate of another role is refused per call
     )
     stub = data_pb2_grpc.MasterTargetStub(channel)
-    relay = Relay(spool, spool_dir, lambda: stub)
+    probe = TargetProbe(channel, settings["master_target"])
+    relay = Relay(spool, spool_dir, lambda: stub, alive=probe.alive)
 
     def add(server):
         data_pb2_grpc.add_ProcessServerServicer_to_server(
             ProcessServerService(relay, lambda: stub), server
         )
-        control_pb2_grpc.add_ControlServicer_to_server(ProcessServerControl(relay), server)
+        control_pb2_grpc.add_ControlServicer_to_server(ProcessServerControl(relay, probe), server)
 
     server, port, _ = create_server(settings["listen"], identity, add, workers=RPC_WORKERS)
     relay.resume_all()
@@ -71,6 +78,7 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
     log.info("event=listening port=%d metrics_port=%s spool=%s", port, metrics, spool_dir)
     wait_for_signal(stop)
     server.stop(grace=5).wait()
+    probe.stop()
     relay.stop()
     channel.close()
     log.info("event=stopped")

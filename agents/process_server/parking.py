@@ -55,6 +55,11 @@ class ParkingLot:
         with self._lock:
             self._retrying.pop(key, None)
 
+    def retrying_count(self) -> int:
+        """Sessions whose forwarding is being retried now (the gauge's value)."""
+        with self._lock:
+            return len(self._retrying)
+
     def spool_trouble(self, reason: str | None) -> None:
         """Set (or clear, with None) a problem of the spool itself, e.g. its disk full."""
         with self._lock:

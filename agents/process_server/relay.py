@@ -24,8 +24,16 @@ error was born (``replication.errors``):
   attempts, frames kept, the source told with the typed error, the reason in
   ``problems()``, a log line and the parked-sessions gauge;
 * spooling: the spool's byte limit pushes back (the source's stream is not read
-  until forwarding frees space, design W6); a full *device* is answered at once
-  with the retryable ``spool.disk_full``, so the source backs off and resends.
+  until forwarding frees space, design W6; a ``spool:`` problem line says so while
+  a source waits); a full *device* is answered at once with the retryable
+  ``spool.disk_full``, so the source backs off and resends.
+
+A silent master target (a stalled or half-open link, a peer that stops reading)
+raises no error by itself: the :class:`CallWatchdog` cancels an ``Apply`` call that
+brought no PERSISTED ack within the progress deadline while frames waited, and the
+forward fails with the retryable ``relay.stalled`` (design F4, ``liveness.py``).
+Every failed attempt is counted in ``replication_forward_failures_total``; the
+sessions being retried are the ``replication_forward_retrying_sessions`` gauge.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from replication import metrics, wire
 from replication.durable import write_atomically
 from replication.errors import (
     ERRORS_BY_CODE,
+    ForwardStalledError,
     RemoteProtocolError,
     ReplicationError,
     SpoolDiskFullError,
@@ -58,6 +67,7 @@ from replication.protocol import AckLevel
 from replication.server import error_code_of
 
 from .parking import ParkingLot
+from .watchdog import CallWatchdog
 
 log = logging.getLogger("process-server")
 
@@ -150,10 +160,18 @@ class SessionBook:
 class Relay:
     """Spool, forwarders and ack fan-out of one process server."""
 
-    def __init__(self, spool, spool_dir: Path, target_stub: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        spool,
+        spool_dir: Path,
+        target_stub: Callable[[], object],
+        *,
+        alive: Callable[[], None] | None = None,
+    ) -> None:
         self._spool = spool
         self._book = SessionBook(spool_dir)
         self._target_stub = target_stub
+        self._alive = alive  # told at every ack: the master target is up (TargetProbe)
         # one mutex; sources waiting for spool space wait on _lock, each forwarder on
         # its own condition (a new frame wakes only its forwarder, not all of them)
         self._mutex = threading.RLock()
@@ -168,12 +186,16 @@ class Relay:
         self._recent_bytes = 0
         # PERSISTED seqs from the master target; those not yet in the spool's cursor
         self._acked: dict[SessionKey, int] = {}
+        # the master target's MAC of the latest PERSISTED ack: (seq, mac), relayed as is
+        self._ack_macs: dict[SessionKey, tuple[int, bytes]] = {}
         self._unmarked: dict[SessionKey, int] = {}
-        self._space_wanted = False  # an ingest waits for spool space
+        self._space_waiters = 0  # ingests waiting for spool space (the limit)
         self._mark_due = threading.Event()
         self._mark_now = threading.Event()
         self._marker = threading.Thread(target=self._mark_loop, daemon=True, name="mark")
         self._marker.start()
+        self._watchdog = CallWatchdog(self._progress_of)
+        metrics.SPOOL_LIMIT_BYTES.set(spool.limit_bytes)
 
     # -- source side -----------------------------------------------------------------
 
@@ -212,6 +234,7 @@ class Relay:
                 self._ready.pop(meta.key, None)
                 if meta.key not in self._unmarked:  # the spool's cursor has it now
                     self._acked.pop(meta.key, None)
+                    self._ack_macs.pop(meta.key, None)
 
     def accept(self, key: SessionKey, frames: list[wire.FrameMsg]) -> int:
         """Spool frames durably; return the highest contiguous RECEIVED seq.
@@ -303,28 +326,40 @@ class Relay:
 
     def _append_waiting_for_space(self, key: SessionKey, msg: wire.FrameMsg) -> bool:
         """Spool one frame; return True if it was new (False: a resend already spooled)."""
-        while True:
-            with self._lock:
-                self._refuse_if_parked(key)  # a parked session never frees its space
-                try:
-                    result = self._spool.append(key[0], key[1], msg.seq, msg.frame)
-                    return result.status == "appended"
-                except SpoolDiskFullError:
-                    raise  # the device, not our limit: only an operator frees it
-                except SpoolFullError:
-                    if self._stopping.is_set():
-                        raise
-                    # Backpressure: stop reading the source until forwarding frees space.
-                    # Sync first: forwarders send only durable frames, and the frames of
-                    # this batch already appended may be all that could free it.
-                    self._spool.sync()
-                    self._wake_forwarders()  # every session's appends are durable now
-                    for unmarked in list(self._unmarked.items()):  # frees what it can
-                        self._mark(*unmarked)
-                    self._unmarked.clear()
-                    self._space_wanted = True  # later acks are marked at once
-                    self._lock.wait(0.5)
-                    self._space_wanted = False
+        waiting = False  # counted in _space_waiters while this ingest waits
+        try:
+            while True:
+                with self._lock:
+                    self._refuse_if_parked(key)  # a parked session never frees its space
+                    try:
+                        result = self._spool.append(key[0], key[1], msg.seq, msg.frame)
+                        return result.status == "appended"
+                    except SpoolDiskFullError:
+                        raise  # the device, not our limit: only an operator frees it
+                    except SpoolFullError:
+                        if self._stopping.is_set():
+                            raise
+                        if not waiting:
+                            waiting = True
+                            self._space_waiters += 1  # later acks are marked at once
+                        self._make_room()
+                        self._lock.wait(0.5)
+        finally:
+            if waiting:
+                with self._lock:
+                    self._space_waiters -= 1
+
+    def _make_room(self) -> None:
+        """Backpressure: the source's stream waits until forwarding frees space (lock held).
+
+        Sync first: forwarders send only durable frames, and the frames of this batch
+        already appended may be all that could free it.
+        """
+        self._spool.sync()
+        self._wake_forwarders()  # every session's appends are durable now
+        for unmarked in list(self._unmarked.items()):  # frees what it can
+            self._mark(*unmarked)
+        self._unmarked.clear()
 
     def _refuse_if_parked(self, key: SessionKey) -> None:
         refusal = self.parking.refusal(key)
@@ -346,14 +381,30 @@ class Relay:
         with self._lock:
             self._subscribers[key] = q
             persisted = self._state_locked(key)[1]
+            mac_seq, mac = self._ack_macs.get(key, (0, b""))
         if persisted:
-            q.put(wire.AckMsg(key[0], key[1], persisted, AckLevel.PERSISTED))
+            # the master target's MAC when this process still has it (else none: the
+            # source then asks GetSessionState, which the master target answers)
+            mac = mac if mac_seq == persisted else b""
+            q.put(wire.AckMsg(key[0], key[1], persisted, AckLevel.PERSISTED, mac))
         return q
 
     def unsubscribe(self, key: SessionKey, q: queue.Queue[object]) -> None:
         with self._lock:
             if self._subscribers.get(key) is q:
                 del self._subscribers[key]
+
+    def problems(self) -> list[str]:
+        """Lines for ``Status.problems``: parked, retried, the spool's device, its limit."""
+        lines = self.parking.problems()
+        with self._lock:
+            waiters, used = self._space_waiters, self._spool.used_bytes
+        if waiters:
+            lines.append(
+                f"spool: full at its limit ({used} of {self._spool.limit_bytes} bytes, "
+                f"--spool-limit): {waiters} source stream(s) wait for forwarding to free space"
+            )
+        return lines
 
     def spool_bytes(self) -> int:
         """Bytes the spool holds now (what its limit bounds)."""
@@ -368,6 +419,11 @@ class Relay:
     def _state_locked(self, key: SessionKey) -> tuple[int, int]:
         received, persisted = self._spool.state(*key)
         return received, max(persisted, self._acked.get(key, 0))
+
+    def _progress_of(self, key: SessionKey) -> tuple[int, bool]:
+        """(persisted seq, frames waiting to be forwarded) of ``key``, for the watchdog."""
+        received, persisted = self.state(key)
+        return persisted, received > persisted
 
     # -- forwarding ------------------------------------------------------------------
 
@@ -390,6 +446,7 @@ class Relay:
         for t in threads:
             t.join(timeout=10)
         self._marker.join(timeout=10)
+        self._watchdog.stop()
         self._mark_pending()  # what the last acks persisted
 
     def _start_forwarder(self, key: SessionKey) -> None:
@@ -424,6 +481,8 @@ class Relay:
             attempt = 1 if progressed else attempt + 1
             reason = _describe(failure)
             self.parking.retrying(key, attempt, reason)
+            metrics.FORWARD_FAILURES.labels(_reason_code(failure)).inc()
+            metrics.FORWARD_RETRYING.set(self.parking.retrying_count())
             log.warning("event=forward_cut volume=%s attempt=%d reason=%s", key[0], attempt, reason)
             if not isinstance(failure, grpc.RpcError | ReplicationError):
                 log.error("event=forward_failed volume=%s", key[0], exc_info=failure)
@@ -433,6 +492,7 @@ class Relay:
         """Stop forwarding ``key`` for good; keep its frames; tell its source and the operator."""
         parked = self.parking.park(key, refusal)
         metrics.PARKED_SESSIONS.set(parked)
+        metrics.FORWARD_RETRYING.set(self.parking.retrying_count())
         log.error(
             "event=session_parked volume=%s session=%s code=%s reason=%s",
             key[0],
@@ -461,15 +521,24 @@ class Relay:
         log.debug("event=forward_start volume=%s persisted_seq=%d", key[0], self.state(key)[1])
         call = stub.Apply(self._apply_requests(key))
         try:
-            for pb in call:
-                ack = wire.ack_from_pb(pb)
-                self._persisted(key, ack.seq)
-                if self._finished(key):
-                    return
+            with self._watchdog.watching(key, call):
+                for pb in call:
+                    ack = wire.ack_from_pb(pb)
+                    self._persisted(key, ack.seq, ack.mac)
+                    if self._finished(key):
+                        return
+        except grpc.RpcError as err:
+            waited = self._watchdog.overdue(key)
+            if waited is None:
+                raise
+            raise ForwardStalledError(
+                f"volume {key[0]}: no PERSISTED ack from the master target for {waited:.1f} s "
+                "while frames waited (progress deadline): call cancelled"
+            ) from err
         finally:
             call.cancel()
 
-    def _persisted(self, key: SessionKey, seq: int) -> None:
+    def _persisted(self, key: SessionKey, seq: int, mac: bytes = b"") -> None:
         """The master target PERSISTED ``key`` up to ``seq``: tell the source at once.
 
         The spool's cursor follows within ``MARK_INTERVAL`` (:meth:`_mark_loop`): a
@@ -479,19 +548,24 @@ class Relay:
         forwarded again and the master target recognises them (design W2).
         """
         log.debug("event=persisted volume=%s seq=%d", key[0], seq)
+        if self._alive is not None:
+            self._alive()  # before the source hears of it: its report is gone by then
         self.parking.recovered(key)
+        metrics.FORWARD_RETRYING.set(self.parking.retrying_count())
         with self._lock:
             if seq > self._acked.get(key, 0):
                 self._acked[key] = seq
                 self._unmarked[key] = seq
+            if seq >= self._ack_macs.get(key, (0, b""))[0]:
+                self._ack_macs[key] = (seq, mac)
             self._forget_recent(key, seq)
             sub = self._subscribers.get(key)
-            space_wanted = self._space_wanted
+            space_wanted = self._space_waiters > 0
         if space_wanted:
             self._mark_now.set()  # a source waits for space: no coalescing delay
         self._mark_due.set()
         if sub is not None:
-            sub.put(wire.AckMsg(key[0], key[1], seq, AckLevel.PERSISTED))
+            sub.put(wire.AckMsg(key[0], key[1], seq, AckLevel.PERSISTED, mac))
 
     def _mark_loop(self) -> None:
         """Write the PERSISTED seqs of the acks received into the spool's cursor."""
@@ -510,6 +584,7 @@ class Relay:
                 self._mark(key, seq)
                 if self._book.get(key) is None and key not in self._unmarked:
                     self._acked.pop(key, None)  # pruned meanwhile: the cursor has it
+                    self._ack_macs.pop(key, None)
         with self._lock:
             metrics.SPOOL_BYTES.set(self._spool.used_bytes)
             self._lock.notify_all()  # sources waiting for spool space
@@ -580,6 +655,18 @@ def _describe(failure: BaseException) -> str:
     if isinstance(failure, ReplicationError):
         return f"[{failure.code}] {failure.message}"
     return f"{type(failure).__name__}: {failure}"
+
+
+def _reason_code(failure: BaseException) -> str:
+    """The ``reason`` label of a failed forward: its error code, else the gRPC status.
+
+    Bounded: codes come from the registry, statuses from gRPC's enum.
+    """
+    if isinstance(failure, grpc.RpcError):
+        return error_code_of(failure) or getattr(failure.code(), "name", "UNKNOWN")  # type: ignore[attr-defined]
+    if isinstance(failure, ReplicationError):
+        return failure.code
+    return "internal"
 
 
 def _details(err: grpc.RpcError) -> str:

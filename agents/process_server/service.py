@@ -2,8 +2,9 @@
 
 :class:`ProcessServerService` is the data service sources talk to;
 :class:`ProcessServerControl` answers ``Control.Status`` (spool size and problems:
-parked sessions, forwarding being retried, a full spool device). The other
-control methods belong to the master target and the source agent: UNIMPLEMENTED.
+parked sessions, forwarding being retried, a full spool device or a spool at its
+limit, an unreachable master target). The other control methods belong to the
+master target and the source agent: UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import grpc
 from replication import tls, wire
 from replication.errors import RemoteProtocolError, ReplicationError
 from replication.protocol import AckLevel, Hello
-from replication.server import abort_with, answer_handshake
+from replication.server import abort_with, answer_handshake, error_code_of
 from replication.streams import batches
+from replication.tls import ERROR_CODE_METADATA
 from replication.v1 import common_pb2, control_pb2, control_pb2_grpc, data_pb2_grpc
 
 from .relay import Relay
@@ -31,6 +33,8 @@ _DONE = object()
 #: holds at most about twice this many frames in memory beyond the spool's limit
 #: before gRPC flow control pushes back on the source (design W6)
 READ_AHEAD_FRAMES = 8
+#: seconds GetSessionState waits for the master target's (authenticated) state
+STATE_TIMEOUT = 5.0
 
 
 class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
@@ -49,13 +53,23 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
         tls.require_role(context, "source")
         # relayed as is. Known limit: XXH3 digests are not ciphertext; they reveal
         # which blocks are equal (and which are zero) to the relay, never their content.
-        yield from self._target_stub().GetHashMap(request, timeout=600)
+        try:
+            yield from self._target_stub().GetHashMap(request, timeout=600)
+        except grpc.RpcError as err:
+            relay_failure(context, err)
 
     def GetSessionState(self, request, context):
         tls.require_role(context, "source")
         volume, session = wire.session_id_from_pb(request)
         received, persisted = self._relay.state((volume, session))
-        return wire.session_state_to_pb(volume, session, persisted, received)
+        mac = b""
+        try:  # the master target's word, with its MAC: the only one a source acts on
+            target = self._target_stub().GetSessionState(request, timeout=STATE_TIMEOUT)
+            if target.persisted_seq >= persisted:
+                persisted, mac = target.persisted_seq, wire.session_state_mac_from_pb(target)
+        except grpc.RpcError as err:  # answer what we know: the source then resends more
+            log.info("event=target_state_unknown volume=%s status=%s", volume, err.code())
+        return wire.session_state_to_pb(volume, session, persisted, received, mac)
 
     def Replicate(self, request_iterator, context):
         tls.require_role(context, "source")
@@ -121,6 +135,24 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
             outbox.put(wire.AckMsg(key[0], key[1], received, AckLevel.RECEIVED))  # type: ignore[index]
 
 
+def relay_failure(context: grpc.ServicerContext, err: grpc.RpcError) -> None:
+    """End the source's call with the master target's status and error code (never returns).
+
+    Without this gRPC ends a relayed server stream with UNKNOWN ("Exception iterating
+    responses") and no code, and the source cannot tell ``volume.unknown`` from an
+    outage: it would retry a permanent refusal as if it were transient.
+    """
+    code = error_code_of(err)
+    status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = str(err.details() if hasattr(err, "details") else err)
+    if code is None:
+        details = f"master target: {getattr(status, 'name', status)}: {details}"
+    else:
+        context.set_trailing_metadata(((ERROR_CODE_METADATA, code),))
+    log.warning("event=relay_failed status=%s code=%s", getattr(status, "name", status), code)
+    context.abort(status, details)
+
+
 class _StreamCount:
     """Replicate streams open now; each new high-water mark is logged (``streams_peak``)."""
 
@@ -145,8 +177,9 @@ class _StreamCount:
 class ProcessServerControl(control_pb2_grpc.ControlServicer):
     """Control service of a process server: ``Status`` only."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, probe=None) -> None:
         self._relay = relay
+        self._probe = probe  # a TargetProbe (watchdog.py), or None: not probed
         self._started = time.monotonic()
 
     def Status(self, request, context):
@@ -156,5 +189,10 @@ class ProcessServerControl(control_pb2_grpc.ControlServicer):
             agent_version=Hello().agent_version,
             uptime_seconds=int(time.monotonic() - self._started),
             spool_bytes=self._relay.spool_bytes(),
-            problems=self._relay.parking.problems(),
+            problems=self._problems(),
         )
+
+    def _problems(self) -> list[str]:
+        """The master target's reachability first, then the relay's own lines."""
+        probed = self._probe.problems() if self._probe is not None else []
+        return probed + self._relay.problems()

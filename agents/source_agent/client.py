@@ -8,10 +8,19 @@ loop is bounded by ``deadline`` seconds. A ``cancel`` event stops sealing new
 frames; the frames already sent are still brought to PERSISTED (within a grace),
 so a stopped pair leaves nothing half-acknowledged behind. A token bucket, when
 given, spaces the frames on the wire (``--bandwidth-limit``).
+
+Security (docs/security.md): the process server must prove its role (its
+certificate says ``process-server``), and must offer SESSION_ORDER and ACK_MAC, or
+it is refused. Every session then takes a new order number (durable, per volume,
+:class:`~replication.ordering.SessionCounter`), and a PERSISTED ack is acted on only
+with the master target's MAC: a forged one ends the session with
+:class:`~replication.errors.ForgedAckError` (counted in ``replication_rejected_acks``)
+and nothing is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -24,9 +33,10 @@ import numpy as np
 
 from replication import metrics, wire
 from replication.certs import Identity
-from replication.errors import ERRORS_BY_CODE, PairFailedError
+from replication.errors import ERRORS_BY_CODE, ForgedAckError, PairFailedError
 from replication.hashmap import HashMap, compute_maps
-from replication.protocol import Agreed, Feature, Hello, negotiate
+from replication.ordering import SessionCounter
+from replication.protocol import REQUIRED_BY_SOURCE, Agreed, Feature, Hello, negotiate
 from replication.server import error_code_of, error_from_rpc
 from replication.source import SourceSession
 from replication.throttle import TokenBucket
@@ -39,6 +49,8 @@ _STOP = object()
 
 #: seconds a cancelled session still waits for the acks of frames already sent
 CANCEL_GRACE = 30.0
+#: session order numbers of an agent run without a state directory (clock and memory)
+_VOLATILE_COUNTER = SessionCounter(None)
 
 
 @dataclass
@@ -53,6 +65,10 @@ class PairOptions:
     cancel: threading.Event | None = None
     #: called with the session after planning and after every ack (status, metrics)
     on_progress: Callable[[SourceSession], None] | None = None
+    #: order numbers of new sessions (durable with ``--state-dir``)
+    session_counter: SessionCounter | None = None
+    #: called with one line each time a step fails and is retried (status says why)
+    on_retry: Callable[[str], None] | None = None
 
 
 def fetch_target_map(stub, volume: str, block_size: int, covered: int) -> HashMap:
@@ -136,11 +152,11 @@ class Replicator:
 
     def _resume_point(self) -> list[tuple[int, bytes]]:
         sid = wire.session_id_to_pb(self.session.volume, self.session.session)
-        persisted, _received = wire.session_state_from_pb(
-            self.stub.GetSessionState(sid, timeout=10)
-        )
+        state = self.stub.GetSessionState(sid, timeout=10)
+        persisted, _received = wire.session_state_from_pb(state)
         log.info("event=resume persisted_seq=%d", persisted)
-        return self.session.resend_after(persisted)
+        with _counting_forgeries():
+            return self.session.resend_after(persisted, wire.session_state_mac_from_pb(state))
 
     def _stream(self, resend: list[tuple[int, bytes]]) -> None:
         out: queue.Queue[object] = queue.Queue()
@@ -156,8 +172,8 @@ class Replicator:
             for pb in call:
                 ack = wire.ack_from_pb(pb)
                 log.debug("event=ack seq=%d level=%s", ack.seq, ack.level.name)
-                with self._acked:
-                    self.session.on_ack(ack.seq, ack.level)
+                with self._acked, _counting_forgeries():
+                    self.session.on_ack(ack.seq, ack.level, ack.mac)
                     self._acked.notify_all()
                 self._update_metrics()
                 if self.session.complete():
@@ -207,10 +223,27 @@ class Replicator:
             out.put(wire.CloseMsg(s.last_seq))
 
 
+@contextlib.contextmanager
+def _counting_forgeries() -> Iterator[None]:
+    """Count a ForgedAckError in ``replication_rejected_acks`` on its way up."""
+    try:
+        yield
+    except ForgedAckError as err:
+        metrics.REJECTED_ACKS.labels(err.code).inc()
+        log.error("event=forged_ack error=%s", err.message)
+        raise
+
+
 def handshake(stub) -> Agreed:
-    """Negotiate with the process server (raises ProtocolVersionError on mismatch)."""
+    """Negotiate with the process server (raises ProtocolVersionError on mismatch).
+
+    A process server without SESSION_ORDER and ACK_MAC is refused: it is the party
+    both protect against, so a relay that leaves them out cannot be trusted as before.
+    """
     reply = stub.Handshake(wire.hello_to_pb(Hello(role="source")), timeout=30)
-    return negotiate(Hello(role="source"), wire.hello_from_pb(reply))
+    agreed = negotiate(Hello(role="source"), wire.hello_from_pb(reply))
+    agreed.require(REQUIRED_BY_SOURCE, "process server")
+    return agreed
 
 
 def replicate_once(
@@ -235,13 +268,25 @@ def replicate_once(
             # grpc's close() can block for long on a channel whose peer died mid-call;
             # never let it hold up the resume
             threading.Thread(target=old.close, daemon=True).start()
-        channels[:] = [secure_channel(address, identity, server_host=options.server_host)]
+        channels[:] = [
+            secure_channel(
+                address, identity, server_host=options.server_host, expect_role="process-server"
+            )
+        ]
         return data_pb2_grpc.ProcessServerStub(channels[0])
 
     def prepare() -> tuple[object, SourceSession]:
         stub = connect()
         agreed = handshake(stub)
-        session = SourceSession(disk, volume, secret, block_size=options.block_size)
+        counter = options.session_counter or _VOLATILE_COUNTER
+        session = SourceSession(
+            disk,
+            volume,
+            secret,
+            block_size=options.block_size,
+            order=counter.next(volume),
+            authenticate_acks=True,
+        )
         session.markers_allowed = agreed.has(Feature.EPOCH_MARKERS)
         (plan or plan_by_hash_compare)(session, stub)
         return stub, session
@@ -286,6 +331,11 @@ def _with_retries(step, options: PairOptions, what: str):
             if time.monotonic() > deadline or cancel.is_set():
                 raise
             log.warning("event=retry step=%r attempt=%d status=%s", what, attempt, err.code())
+            if options.on_retry is not None:
+                status = getattr(err.code(), "name", err.code())
+                options.on_retry(
+                    f"{what}: attempt {attempt} failed, retrying: {status}: {err.details()}"
+                )
             cancel.wait(min(2.0, 0.2 * attempt))
 
 

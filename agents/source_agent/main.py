@@ -27,6 +27,7 @@ from replication.epochs import LiveDisk
 from replication.errors import UsageError
 from replication.logs import setup_logging
 from replication.nbd import NbdServer
+from replication.ordering import SessionCounter
 from replication.server import create_server, start_metrics, wait_for_signal
 from replication.throttle import TokenBucket, parse_rate
 from replication.tracking import TrackedDisk
@@ -82,12 +83,15 @@ def run(settings: dict[str, Any], stop: threading.Event | None = None) -> int:
 def _options(settings: dict[str, Any]) -> PairOptions:
     limit = settings["bandwidth_limit"]
     rate = limit if isinstance(limit, int) else parse_rate(str(limit)) if limit else None
+    state = settings["state_dir"]
     return PairOptions(
         block_size=int(settings["block_size"]),
         address=settings["process_server"],
         server_host=settings["process_server_host"],
         deadline=float(settings["deadline"]),
         throttle=TokenBucket(rate) if rate else None,
+        # durable session order numbers (design S7); without a state dir: clock only
+        session_counter=SessionCounter(Path(state) / ".session-order" if state else None),
     )
 
 

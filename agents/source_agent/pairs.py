@@ -37,6 +37,8 @@ log = logging.getLogger("source-agent")
 
 #: longest wait between two attempts of a failing pair
 MAX_BACKOFF = 60.0
+#: every state a pair can be in (the ``replication_pairs{state}`` gauge has each)
+PAIR_STATES = ("starting", "resyncing", "protected", "error", "stopped")
 
 
 @dataclass
@@ -95,6 +97,12 @@ class PairTable:
         self._rescan = rescan_interval
         self._pairs: dict[str, _Pair] = {}
         self._lock = threading.Lock()
+        for state in PAIR_STATES:  # counted when scraped: never out of step with Status
+            metrics.PAIRS.labels(state).set_function(lambda s=state: self._count(s))
+
+    def _count(self, state: str) -> int:
+        with self._lock:
+            return sum(1 for p in self._pairs.values() if p.status.state == state)
 
     def start(self, disk: str, volume: str) -> PairState:
         """Start (or keep) the pair ``disk -> volume``; idempotent for the same volume."""
@@ -163,6 +171,7 @@ class PairTable:
             server_host=host,
             cancel=pair.cancel,
             on_progress=self._progress(pair.status),
+            on_retry=self._retrying(pair.status),
         )
 
     def tracked_disks(self) -> list[str]:
@@ -246,8 +255,18 @@ class PairTable:
             if live.wait_for_writes(0.2):
                 return
 
+    def _retrying(self, status: PairState):
+        """While a step is retried (an unreachable master target...), the pair says why."""
+
+        def retrying(reason: str) -> None:
+            status.error = reason
+
+        return retrying
+
     def _progress(self, status: PairState):
         def progress(session) -> None:
+            if status.state != "error":
+                status.error = ""  # what was being retried went through
             s = session.stats
             status.blocks_total, status.blocks_done = s.blocks_to_send, s.blocks_persisted
             status.persisted_seq = s.persisted_seq

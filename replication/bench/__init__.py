@@ -15,7 +15,9 @@ by 10-25 % between runs (see /work/shared/perf-limits.md). Stages:
   (:mod:`.rpo`);
 * ``fan-in``: 100 sources from one generator into one process server and master
   target: concurrent streams, throughput, fairness (:mod:`.fanin`);
-* ``failback``: registered, not yet available (:mod:`.stages`).
+* ``failback``: the orchestrator's reprotect of a disk changed 1 % since failover
+  through the three agents vs ``qemu-img convert -n`` and a full resync
+  (:mod:`.failback`).
 
 Images are deterministic (:mod:`.images`, fixed seeds). Results are a
 :class:`BenchResult`; :mod:`.report` turns it into a table, JSON and Markdown.

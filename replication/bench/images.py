@@ -13,7 +13,15 @@ import subprocess
 
 import numpy as np
 
-__all__ = ["BLOCK", "make_vhd", "mutate_image", "realistic_pool", "write_image"]
+__all__ = [
+    "BLOCK",
+    "change_blocks",
+    "make_vhd",
+    "mutate_image",
+    "pick_changed_blocks",
+    "realistic_pool",
+    "write_image",
+]
 
 BLOCK = 65536
 CHUNK = 64 << 20
@@ -91,6 +99,53 @@ def mutate_image(src: str, dst: str, fraction: float, seed: int = 11) -> list[in
             f.seek(int(i) * BLOCK)
             f.write(rng.bytes(BLOCK))
     return [int(i) for i in picked]
+
+
+def pick_changed_blocks(nblocks: int, fraction: float, rng: np.random.Generator) -> list[int]:
+    """Pick ``fraction`` of ``nblocks`` block numbers, the way a VM's writes fall.
+
+    Half of them in clustered runs of 4-64 blocks (files rewritten, a database's
+    extents), the other half scattered one by one (metadata, logs, page updates).
+    Sorted, distinct, at least one block.
+    """
+    want = min(nblocks, max(1, int(nblocks * fraction)))
+    picked = np.zeros(nblocks, dtype=bool)
+    clustered = want // 2
+    for _ in range(4 * want):  # bounded: each pass adds at least one block or misses
+        have = int(picked.sum())
+        if have >= clustered:
+            break
+        run = min(clustered - have, int(rng.integers(4, 65)))
+        start = int(rng.integers(0, nblocks - run + 1))
+        picked[start : start + run] = True
+    free = np.flatnonzero(~picked)
+    singles = rng.choice(free, size=want - int(picked.sum()), replace=False)
+    picked[singles] = True
+    return [int(i) for i in np.flatnonzero(picked)]
+
+
+def change_blocks(path: str, size: int, fraction: float, seed: int = 17) -> list[int]:
+    """Rewrite ``fraction`` of the first ``size`` bytes' blocks of ``path`` in place.
+
+    For a raw image or a fixed VHD (its data starts at offset 0). The new content is
+    the images' realistic mix (:func:`realistic_pool`), so it compresses as a VM's
+    writes would; a block that would come out unchanged gets its first byte flipped,
+    so every picked block really differs. Returns the changed block numbers.
+    """
+    rng = np.random.default_rng(seed)
+    picked = pick_changed_blocks(size // BLOCK, fraction, rng)
+    pool = realistic_pool(8 << 20, seed)
+    with open(path, "r+b") as f:
+        for i in picked:
+            f.seek(i * BLOCK)
+            old = f.read(BLOCK)
+            at = int(rng.integers(0, len(pool) // BLOCK)) * BLOCK
+            new = bytearray(pool[at : at + BLOCK])
+            if new == old:
+                new[0] ^= 0xFF
+            f.seek(i * BLOCK)
+            f.write(new)
+    return picked
 
 
 def make_vhd(raw: str, vhd: str) -> None:

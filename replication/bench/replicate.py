@@ -45,6 +45,7 @@ __all__ = [
     "prepare",
     "run",
     "start_daemons",
+    "tls_dir",
     "verify_volume",
 ]
 
@@ -110,10 +111,15 @@ def measure(ctx: Context) -> ReplicateResult:
 
 def prepare(ctx: Context) -> tuple[Path, Path]:
     """Return the TLS directory (``certs init``) and the source VHD, made on first use."""
+    return tls_dir(ctx), ctx.image("A.vhd")
+
+
+def tls_dir(ctx: Context) -> Path:
+    """Return the run's TLS directory (``certs init``: CA, agents' certificates, key)."""
     tls = ctx.work / "tls"
     if not tls.exists():
         init_tls_dir(tls, ["localhost"])
-    return tls, ctx.image("A.vhd")
+    return tls
 
 
 def run(ctx: Context) -> tuple[list[Figure], dict[str, object]]:

@@ -5,8 +5,9 @@ JSON schema (``bench.json``, version 1)::
     {"schema": 1, "date": "...", "config": {"size_bytes", "rounds", "stages"},
      "machine": {...}, "tools": {"rsync": "rsync  version 3.2.7 ..." | null, ...},
      "stages": [{"name", "title", "status", "seconds", "figures": [FIGURE...],
-                 "details": {...raw rounds...}}],
-     "summary": {"figures", "met", "missed", "not_judged"},
+                 "details": {...raw rounds...}}],   # status "failed": details
+                                                    # {"error", "code"}, no figures
+     "summary": {"figures", "met", "missed", "not_judged", "stages_failed": [...]},
      "background_cores": [...]}
 
     FIGURE = {"stage", "name", "unit", "value", "baseline", "baseline_name",
@@ -53,7 +54,7 @@ def to_dict(res: BenchResult) -> dict[str, object]:
             }
             for s in res.stages
         ],
-        "summary": summary(res.figures),
+        "summary": {**summary(res.figures), "stages_failed": [s.name for s in res.failed]},
         "background_cores": res.background_cores,
     }
 
@@ -77,6 +78,10 @@ def _fmt(value: float | None, unit: str) -> str:
     if abs(value) >= 100:
         return f"{value:.0f} {unit}"
     return f"{value:.3g} {unit}"
+
+
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def _verdict(f: Figure) -> str:
@@ -122,12 +127,13 @@ def format_table(res: BenchResult) -> str:
     lines = [*_header(res), ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     if len(rows) == 1:
-        lines.append("(no figures: no selected stage is available yet)")
+        lines.append("(no figures: no selected stage ran)")
     lines += ["", *_extra_lines(res)]
     s = summary(res.figures)
     lines.append(
         f"summary: {s['figures']} figures: {s['met']} met, {s['missed']} missed, "
         f"{s['not_judged']} not judged"
+        + (f"; FAILED stages: {', '.join(f.name for f in res.failed)}" if res.failed else "")
     )
     return "\n".join(lines)
 
@@ -149,6 +155,13 @@ def _extra_lines(res: BenchResult) -> list[str]:
                     f"{p['epochs']} epochs, RPO p50 {_fmt(p['rpo_p50_s'], 's')}, "
                     f"p99 {_fmt(p['rpo_p99_s'], 's')}, max {_fmt(p['rpo_max_s'], 's')}"
                 )
+        if s.name == "failback" and s.status == "ran":
+            d = s.details
+            lines.append(
+                f"failback: {d['changed_blocks']} blocks changed; speed-up of the reprotect "
+                f"{_times(d['speedup_vs_copy'])} vs qemu-img, {_times(d['speedup_vs_full_resync'])}"
+                f" vs a full resync; every target equal to the source ({d['verified_with']})"
+            )
         if s.name == "fan-in" and s.status == "ran":
             d = s.details
             lines.append(
@@ -156,6 +169,8 @@ def _extra_lines(res: BenchResult) -> list[str]:
                 f"{d['window_s']:g} s, {d['offered_mb_s']:g} MB/s of writes offered; "
                 f"CPU seconds {d['cpu_s']}"
             )
+        if s.status == "failed":
+            lines.append(f"{s.name}: FAILED, no figures: {s.details['error']}")
     pending = _pending(res)
     if pending:
         lines.append("not yet available: " + "; ".join(pending))

@@ -1,9 +1,14 @@
 """The stage registry and the run of a whole benchmark.
 
-A stage is a function ``run(ctx) -> (figures, details)``. Stages that later
-issues will provide (failback) are registered without a function: the report lists
-them as "not yet available" rather than leaving them out or inventing numbers.
-Adding one is one line here plus its module.
+A stage is a function ``run(ctx) -> (figures, details)``. A stage that a later
+issue will provide is registered without a function: the report lists it as "not
+yet available" rather than leaving it out or inventing numbers. Adding one is one
+line here plus its module.
+
+A stage that raises a :class:`ReplicationError` (a result that fails its check, an
+agent that did not start), an ``OSError`` or a failed subprocess is reported as
+``failed`` with the error, and the other stages still run: a failure is never
+turned into a number, and one broken stage does not hide the others' figures.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import delta, fanin, memory, replicate, rpo, scan
+from ..errors import ReplicationError
+from . import delta, failback, fanin, memory, replicate, rpo, scan
 from .context import BenchConfig, Context
 from .figures import Figure
 
@@ -45,7 +51,11 @@ STAGES: dict[str, Stage] = {
         Stage("replicate", "e2e source -> PS -> MT vs a bare gRPC TLS relay", replicate.run),
         Stage("memory", "peak RSS of each agent during the resync", memory.run),
         Stage("rpo", "recovery point objective under a live write load", rpo.run),
-        Stage("failback", "failback of a changed Azure disk to on-prem", None),
+        Stage(
+            "failback",
+            "reprotect of a disk changed 1 % since failover vs a full copy",
+            failback.run,
+        ),
         Stage("fan-in", "many sources into one process server", fanin.run),
     )
 }
@@ -57,7 +67,7 @@ class StageResult:
 
     name: str
     title: str
-    status: str  # "ran" | "not yet available" | "not selected"
+    status: str  # "ran" | "failed" | "not yet available" | "not selected"
     figures: list[Figure] = field(default_factory=list)
     details: dict[str, object] = field(default_factory=dict)
     seconds: float = 0.0
@@ -78,6 +88,10 @@ class BenchResult:
     @property
     def figures(self) -> list[Figure]:
         return [f for s in self.stages for f in s.figures]
+
+    @property
+    def failed(self) -> list[StageResult]:
+        return [s for s in self.stages if s.status == "failed"]
 
 
 def select_stages(only: str | None) -> tuple[str, ...]:
@@ -126,7 +140,12 @@ def _run_stage(ctx: Context, stage: Stage) -> StageResult:
     if stage.name not in ctx.config.stages:
         return StageResult(stage.name, stage.title, "not selected")
     started = time.monotonic()
-    figures, details = stage.run(ctx)
+    try:
+        figures, details = stage.run(ctx)
+    except (ReplicationError, OSError, subprocess.SubprocessError) as err:
+        ctx.say(f"{stage.name} failed: {err}")
+        error = {"error": str(err), "code": getattr(err, "code", type(err).__name__)}
+        return StageResult(stage.name, stage.title, "failed", [], error, time.monotonic() - started)
     return StageResult(stage.name, stage.title, "ran", figures, details, time.monotonic() - started)
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..blocks import parse_size
-from ..errors import ReplicationError, UsageError
+from ..errors import BenchStageFailedError, ReplicationError, UsageError
 
 HELP = """\
 Generate deterministic realistic disk images (zeros, text, binary-like and random
@@ -23,24 +23,30 @@ data; fixed seeds) and measure, each beside its baseline in the same run:
              fsync), full resync into an empty VMDK  vs  bare gRPC TLS relay, 3 processes
   memory     peak RSS of each agent                  (target < 256 MiB)
   rpo        p50/p99 RPO of a tracked source at 20 and 50 MB/s of NBD writes (p99 < 1 s)
+  failback   reprotect of a disk changed 1 % since failover, through the agents and
+             the orchestrator  vs  qemu-img convert -n -O vmdk (full copy) and a
+             reprotect into an empty VMDK (full resync): time, bytes on the wire;
+             every target checked with qemu-img compare
   fan-in     100 sources into one process server: throughput, Jain fairness (>= 0.9)
 
 Prints a table, writes DIR/bench.json (every figure with its baseline, ratio and
 target), DIR/bench.md, and DIR/bench.png when matplotlib is installed. A missing
-baseline tool is reported as missing. Exit 0 when the run completed, whether or
-not targets were met; non-zero with a message when it could not run.
-Stages not yet available: failback.
+baseline tool is reported as missing. A stage whose result fails its check (or
+that cannot run) is reported as failed, with no figures, and the others still
+run. Exit 0 when every selected stage ran, whether or not targets were met; 1
+when a stage failed (the table and files are still written); 2 on bad options.
 """
 
 MIN_SIZE = 4 << 20
-#: images on disk at once: A, B1, B10, T, T2, A.vhd, the volume, the spool
-SPACE_FACTOR = 8
+#: images on disk at once: A, B1, B10, T, T2, A.vhd, the volume, the spool, and
+#: failback's VMDK, VHD and two targets
+SPACE_FACTOR = 12
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmark scan, delta sync and replication against baselines",
+        help="benchmark scan, delta sync, replication and failback against baselines",
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -86,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(result))
         print("written: " + ", ".join(map(str, written)))
+    if result.failed:
+        failed = "; ".join(f"{s.name}: {s.details['error']}" for s in result.failed)
+        raise BenchStageFailedError(f"bench: stage(s) failed: {failed}")
     return 0
 
 

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("name")
     v.add_argument("size", type=parse_size)
     v.add_argument("--subformat", default="monolithicSparse")
+    v = _verb(verbs, "release-volume", "a master target lets go of a volume (hand over)", _release)
+    v.add_argument("name")
     v = _verb(verbs, "start-pair", "start replicating a source agent's disk", _start)
     v.add_argument("disk")
     v.add_argument("volume")
@@ -108,6 +110,12 @@ def _create(args: argparse.Namespace) -> int:
     with _client(args) as client:
         v = client.create_volume(args.name, args.size, args.subformat)
     return _emit(args, asdict(v), f"{v.name}: {v.size} bytes {v.format}/{v.subformat}")
+
+
+def _release(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        v = client.release_volume(args.name)
+    return _emit(args, asdict(v), f"{v.name}: released ({v.size} bytes {v.format}/{v.subformat})")
 
 
 def _start(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import json
 
 from ..blocks import DEFAULT_BLOCK_SIZE, parse_size
 from ..progress import TerminalProgress
-from ..sync import SyncOptions, SyncReport, sync_paths
+from ..sync import MAX_MAP_BYTES, SyncOptions, SyncReport, sync_paths
 
 HELP = """\
 Make TARGET hold SOURCE's bytes, writing only the blocks that differ.
@@ -25,6 +25,10 @@ snapshot children) is refused as TARGET: writing it would corrupt the chain.
 The target's hash map is kept after each sync and reused next time while the
 target's generation (file identity and times, VMDK CID) proves it unchanged, so a
 repeated sync reads only the source. --verify ignores the kept map.
+
+Memory: the two hash maps take 32 bytes per block of SOURCE (128 MiB for 256 GiB
+at 64K blocks). A SOURCE whose maps would exceed --max-map-memory is refused
+(error disk.too_large) before anything is read: use a larger --block-size.
 """
 
 
@@ -50,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--zstd-level", type=int, default=1, help="frame compression level")
     p.add_argument("--workers", type=int, default=2, help="threads for reading and hashing")
+    p.add_argument(
+        "--max-map-memory",
+        type=parse_size,
+        default=MAX_MAP_BYTES,
+        help="refuse a SOURCE whose hash maps need more (default 4G: 8 TiB at 64K blocks)",
+    )
     p.set_defaults(func=run)
 
 
@@ -60,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         use_map_cache=not args.verify,
         workers=max(1, args.workers),
         zstd_level=args.zstd_level,
+        max_map_bytes=args.max_map_memory,
     )
     with TerminalProgress() as progress:
         report = sync_paths(args.source, args.target, options, progress=progress)

@@ -49,6 +49,7 @@ which the service changes on every write by anyone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,6 +84,9 @@ MiB = 1 << 20
 URL_PREFIXES = ("pageblob+https://", "pageblob+http://")
 CONN_PREFIX = "pageblob:"
 _OUR_PARAMS = ("format", "snapshot")
+#: the SDK logs every request and response at INFO: in an agent (root logger at INFO)
+#: that is a dozen lines per 4 MiB written, burying the agent's own events
+_SDK_HTTP_LOGGER = "azure.core.pipeline.policies.http_logging_policy"
 
 
 def is_pageblob_spec(path: str) -> bool:
@@ -209,6 +213,7 @@ def _client(spec: BlobSpec):
         raise UnsupportedFormatError(
             "page blob disks need the azure-storage-blob package (pip install azure-storage-blob)"
         ) from err
+    logging.getLogger(_SDK_HTTP_LOGGER).setLevel(logging.WARNING)
     retry = ExponentialRetry(
         initial_backoff=1, increment_base=2, retry_total=3, random_jitter_range=1
     )  # waits of about 1, 3 and 5 s
@@ -373,6 +378,17 @@ class PageBlobDisk(Disk):
         self.blob_size = blob_size
         self.footer = footer
         self._client = client
+
+    @property
+    def identity(self) -> str:
+        """Which blob this is, whatever the spec's form: ``pageblob+URL[?snapshot=…]``.
+
+        ``path`` of a ``pageblob:CONTAINER/BLOB`` spec does not name the account (the
+        connection string does), so caches key on this instead. No SAS in it.
+        """
+        url = self._client.url.partition("?")[0]
+        snapshot = f"?snapshot={self.spec.snapshot}" if self.spec.snapshot else ""
+        return f"pageblob+{url}{snapshot}"
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from ..blocks import parse_size
 from ..disks import open_disk
 from ..errors import JobBusyError, ReplicationError, UsageError
 from .clients import Agents
+from .estimate import reachable
 from .failover import Failover, ShutdownFn
 from .jobs import is_alive, mark_interrupted, run_job
 from .journey import Journey
@@ -357,7 +358,7 @@ def _check_address(address: str) -> None:
 
 
 def _read_uuid(path: str) -> str:
-    if not path or not os.path.exists(path):
+    if not reachable(path):
         return ""
     try:
         with open_disk(path) as disk:
@@ -367,7 +368,7 @@ def _read_uuid(path: str) -> str:
 
 
 def _read_size(path: str) -> int:
-    if not path or not os.path.exists(path):
+    if not reachable(path):  # a page blob too, with this process's Azure credentials
         return 0
     try:
         with open_disk(path) as disk:

@@ -6,6 +6,7 @@ disks itself (a shared datastore, or the tests' single machine) it computes the
 same comparison locally, read-only, with :mod:`replication.sync` in dry-run mode;
 against a new, empty VMDK it counts the source's non-zero blocks. When it cannot,
 the estimate says so and the step goes on: the agents move only the delta anyway.
+A page blob (``pageblob+URL``) is reached with this process's Azure credentials.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import os
 
 from ..blocks import DEFAULT_BLOCK_SIZE
 from ..disks import open_disk
+from ..disks.pageblob import is_pageblob_spec
 from ..errors import ReplicationError
 from ..hashmap import compute_maps
 from ..sync import SyncOptions, sync_disks
 from .model import Estimate
 
-__all__ = ["estimate_move"]
+__all__ = ["estimate_move", "reachable"]
 
 LOCAL_METHOD = "dry run computed locally with replication.sync"
 EMPTY_METHOD = "non-zero blocks of the source, against a new empty VMDK"
@@ -29,9 +31,9 @@ def estimate_move(
     vm: str, disk: str, source: str, target: str | None, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> Estimate:
     """Blocks and bytes that differ between ``source`` and ``target`` (None: a new VMDK)."""
-    if not source or not os.path.exists(source):
+    if not reachable(source):
         return _unknown(vm, disk, block_size, "the source disk is not reachable from here")
-    if target is not None and (not target or not os.path.exists(target)):
+    if target is not None and not reachable(target):
         return _unknown(vm, disk, block_size, "the target disk is not reachable from here")
     try:
         if target is None:
@@ -43,6 +45,15 @@ def estimate_move(
     except ReplicationError as err:
         return _unknown(vm, disk, block_size, f"could not read the disks: {err.message}")
     return Estimate(vm, disk, blocks, block_size, size, method)
+
+
+def reachable(path: str) -> bool:
+    """Whether the orchestrator can try to open the disk at ``path`` itself.
+
+    A local path must exist here; a page blob is tried over the network (opening it
+    may still fail: callers treat a typed error as "not readable from here").
+    """
+    return bool(path) and (is_pageblob_spec(path) or os.path.exists(path))
 
 
 def _differing_blocks(source: str, target: str, block_size: int) -> tuple[int, int]:

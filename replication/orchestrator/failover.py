@@ -26,6 +26,13 @@ anything stops if one volume lacks it), the pairs are stopped, and the master
 target produces a new VMDK per disk at that point (``ProduceDisk``, verified
 against the point's manifest).
 
+*Handing over.* Last, the master target releases each volume that now holds a
+recovered disk (``ReleaseVolume``): it closes its handles and no longer owns it, so
+the recovered VM (and the reverse reprotect's source agent) may write the VMDK while
+the master target keeps serving its other volumes. Only then is the failover
+recorded: a crash before that record leaves the pairs ``stopped`` and a re-run
+produces and releases again (both idempotent).
+
 *Re-running.* A pair's store state records how far it got (``drained`` with its
 point, then ``stopped``); a second run skips what is done and finishes the rest.
 """
@@ -46,8 +53,10 @@ from ..errors import (
     ServerUnreachableError,
     UnknownObjectError,
     UsageError,
+    VolumeInUseError,
     WrongStateError,
 )
+from ..faults import crash_point
 from .clients import typed_or_unreachable
 from .jobs import JobRun
 from .journey import PROTECTED, Journey, volume_path
@@ -60,6 +69,8 @@ __all__ = ["Failover", "resolve_point", "shell_shutdown"]
 CUT_HOLD = 60.0
 #: deadline of ProduceDisk (the master target copies and verifies a whole disk)
 PRODUCE_TIMEOUT = 3600.0
+#: how long a release may wait for the data session of a just-stopped pair to end
+RELEASE_WAIT = 60.0
 
 ShutdownFn = Callable[[Vm], None]
 
@@ -283,6 +294,7 @@ class Failover:
         run.note(f"cutting {len(pairs)} disk(s) on {len(specs)} source agent(s) at one moment")
         for agent, spec in specs.items():  # every agent holds writes before any cuts
             self._agent_call(agent, lambda c, s=spec: c.prepare_cut(s))
+        crash_point("orchestrator.cut_prepared")  # a re-run cuts anew; these holds expire
         for agent, spec in specs.items():
             self._agent_call(agent, lambda c, s=spec: c.commit_cut(s))
         self._wait_points(run, pairs, servers, name, timeout)
@@ -364,6 +376,8 @@ class Failover:
                 volume, label = p.volume, _reload(self.store, p).point
                 orig = disks[(p.vm, p.disk)].original_vmdk
                 path = orig if p.location == "original" else volume_path(mt, volume)
+            self._release(run, p, mt, volume)
+            crash_point("orchestrator.failover_released")
             recovered.append((p.vm, p.disk, volume, path, label))
             rows.append(
                 {"vm": p.vm, "disk": p.disk, "volume": volume, "path": path, "point": label}
@@ -371,6 +385,30 @@ class Failover:
             run.note(f"{p.vm}/{p.disk}: data in {path or volume} (point {label or '-'})")
         run.result(recovered=rows)
         self.store.record_failover(recovered, [vm.name for vm in vms], ON_PREM)
+
+    def _release(self, run: JobRun, pair: Pair, mt: Server, volume: str) -> None:
+        """The master target lets go of ``volume``: the recovered VM's disk is its own now.
+
+        The stopped pair's last session may still be closing on the master target: a
+        refusal for that (VolumeInUseError, retryable) is retried for RELEASE_WAIT s.
+        """
+        deadline = time.monotonic() + RELEASE_WAIT
+        while True:
+            try:
+                self.agents.client(mt.address).release_volume(volume)
+                break
+            except VolumeInUseError as err:
+                if time.monotonic() > deadline:
+                    raise VolumeInUseError(
+                        f"{pair.vm}/{pair.disk}: master target {mt.name!r} still writes "
+                        f"{volume} after {RELEASE_WAIT:g} s: {err.message}",
+                        hint="stop what replicates into it (`replication agent status` on the "
+                        "process server), then run failover again",
+                    ) from err
+                time.sleep(self.journey.poll)
+            except ReplicationError as err:
+                raise typed_or_unreachable(err, f"master target {mt.name!r}", mt.address) from err
+        run.note(f"{pair.vm}/{pair.disk}: master target {mt.name!r} released {volume}")
 
     def _produce(self, run: JobRun, pair: Pair, mt: Server, point: wire.PointMsg) -> str:
         name = f"{pair.volume}-p{point.id}"[-64:]

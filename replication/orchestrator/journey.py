@@ -27,14 +27,17 @@ from dataclasses import dataclass
 
 from .. import wire
 from ..errors import (
+    AzureDiskMissingError,
     PairFailedError,
     ReplicationError,
     UnknownObjectError,
     UnknownVolumeError,
+    VolumeHeldError,
     WrongStateError,
 )
-from .clients import Agents, typed_or_unreachable
-from .estimate import estimate_move
+from ..faults import crash_point
+from .clients import PROBE_TIMEOUT, Agents, typed_or_unreachable
+from .estimate import estimate_move, reachable
 from .jobs import JobRun
 from .model import (
     FAILBACK_PROTECTED,
@@ -226,9 +229,11 @@ class Journey:
         self._check_servers(pf, mt, ps)
         volumes = pf.run("Azure-side master target lists its volumes", self._volumes(mt))
         targets = []
+        held: dict[str, list[wire.VolumeInfo] | str] = {}  # failback MT -> volumes or why not
         for vm in vms:
             self._check_agent(pf, vm.onprem_agent, f"source agent beside {vm.name}'s VMDKs")
             self._check_forward_stopped(pf, vm)
+            self._check_handed_over(pf, vm, held)
             targets += [self._reverse_target(pf, vm, d, mt, volumes) for d in vm.disks]
         self._finish_preflight(run, pf, targets, mt, dry_run)
         if dry_run:
@@ -255,7 +260,7 @@ class Journey:
             volumes,
             name,
             f"{what} is registered on {mt.name!r}",
-            lambda: _listed(volumes or [], name, what),
+            lambda: _listed(volumes or [], name, what, disk.azure_path),
         )
         self._check_sizes(pf, f"{vm.name}/{disk.name}", source_size, volume)
         agent_disk = disk.onprem_disk or disk.key
@@ -276,6 +281,32 @@ class Journey:
             )
         else:
             pf.run(name, lambda: None, "failed over")
+
+    def _check_handed_over(
+        self, pf: Preflight, vm: Vm, held: dict[str, list[wire.VolumeInfo] | str]
+    ) -> None:
+        """No master target still owns a recovered VMDK (failover released each one)."""
+        disks = {d.name: d for d in vm.disks}
+        for pair in self.store.pairs(vm.name, "failback"):
+            volume = disks[pair.disk].recovered_volume if pair.disk in disks else ""
+            if not volume:
+                continue  # not failed over: the check above says so
+            name = f"{vm.name}/{pair.disk}: master target {pair.master_target!r} let go of {volume}"
+            if pair.master_target not in held:  # asked once per master target
+                held[pair.master_target] = self._listed_or_why(pair.master_target)
+            listed = held[pair.master_target]
+            if isinstance(listed, str):
+                pf.skip(name, f"{listed}; a master target that is not running writes nothing")
+                continue
+            pf.run(name, lambda v=volume, p=pair, ls=listed: _not_held(ls, v, p), "released")
+
+    def _listed_or_why(self, mt_name: str) -> list[wire.VolumeInfo] | str:
+        """The volumes of a master target, or why they could not be listed."""
+        try:
+            mt = self.store.server(mt_name)
+            return self.agents.client(mt.address, PROBE_TIMEOUT).list_volumes()
+        except ReplicationError as err:
+            return err.message
 
     # -- shared -----------------------------------------------------------------------
 
@@ -385,6 +416,7 @@ class Journey:
                 info = self.agents.client(t.agent).start_pair(t.source_disk, t.volume)
             except ReplicationError as err:
                 raise typed_or_unreachable(err, "source agent", t.agent) from err
+            crash_point("orchestrator.pair_started")  # a re-run starts it again (idempotent)
             run.note(f"{t.vm.name}/{t.disk.name}: pair {t.source_disk} -> {t.volume} {info.state}")
             pairs.append(
                 Pair(
@@ -480,7 +512,18 @@ def _fraction(infos: list[wire.PairInfo]) -> float:
     return total / max(1, len(infos))
 
 
-def _listed(volumes: list[wire.VolumeInfo], name: str, what: str) -> wire.VolumeInfo:
+def _listed(volumes: list[wire.VolumeInfo], name: str, what: str, path: str) -> wire.VolumeInfo:
+    found = next((v for v in volumes if v.name == name), None)
+    if found is not None and (found.size == 0 or not found.format):
+        # registered but unopenable: for a page blob, missing or out of the MT's credentials
+        raise AzureDiskMissingError(
+            f"{what}: the master target cannot open volume {name!r}"
+            + (f" ({path})" if path else "")
+            + ": it does not exist, or the master target may not read it",
+            hint="create the Azure disk (a page blob: `replication disk create pageblob+URL "
+            "SIZE --format vhd`; a file: a fixed VHD), or give the master target the Azure "
+            "credentials for it (AZURE_STORAGE_KEY, docs/pageblob.md)",
+        )
     try:
         return check_volume_listed(volumes, name, what)
     except ReplicationError as err:
@@ -490,9 +533,20 @@ def _listed(volumes: list[wire.VolumeInfo], name: str, what: str) -> wire.Volume
         ) from err
 
 
+def _not_held(volumes: list[wire.VolumeInfo], volume: str, pair: Pair) -> None:
+    if any(v.name == volume for v in volumes):
+        raise VolumeHeldError(
+            f"{pair.vm}/{pair.disk}: {volume} is still a volume of master target "
+            f"{pair.master_target!r}, which may write the VMDK the reverse pair reads",
+            hint=f"release it (`replication agent release-volume ADDRESS {volume}` on the "
+            "master target; failover does it), then run reverse-reprotect again",
+        )
+
+
 def _real_size(path: str) -> int:
-    """The virtual size of the disk at ``path``, or 0 if it cannot be read from here."""
-    if not path or not os.path.exists(path):
+    """The virtual size of the disk at ``path`` (a file or a page blob), or 0 if it
+    cannot be read from here."""
+    if not reachable(path):
         return 0
     from ..disks import open_disk
 

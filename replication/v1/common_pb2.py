@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1breplication/v1/common.proto\x12\x0ereplication.v1\"\x80\x01\n\x05Hello\x12\x14\n\x0cprotocol_min\x18\x01 \x01(\r\x12\x14\n\x0cprotocol_max\x18\x02 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\x04\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\"\n\x04role\x18\x05 \x01(\x0e\x32\x14.replication.v1.Role\",\n\tSessionId\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x0c\"g\n\x03\x41\x63k\x12*\n\x07session\x18\x01 \x01(\x0b\x32\x19.replication.v1.SessionId\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\x05level\x18\x03 \x01(\x0e\x32\x18.replication.v1.AckLevel*\x85\x01\n\x07\x46\x65\x61ture\x12\x17\n\x13\x46\x45\x41TURE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46\x45\x41TURE_ZSTD\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_HASHMAP_RESYNC\x10\x02\x12\x18\n\x14\x46\x45\x41TURE_RECEIVED_ACK\x10\x04\x12\x19\n\x15\x46\x45\x41TURE_EPOCH_MARKERS\x10\x08*u\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SOURCE\x10\x01\x12\x17\n\x13ROLE_PROCESS_SERVER\x10\x02\x12\x16\n\x12ROLE_MASTER_TARGET\x10\x03\x12\x15\n\x11ROLE_ORCHESTRATOR\x10\x04*B\n\x08\x41\x63kLevel\x12\x19\n\x15\x41\x43K_LEVEL_UNSPECIFIED\x10\x00\x12\x0c\n\x08RECEIVED\x10\x01\x12\r\n\tPERSISTED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1breplication/v1/common.proto\x12\x0ereplication.v1\"\x80\x01\n\x05Hello\x12\x14\n\x0cprotocol_min\x18\x01 \x01(\r\x12\x14\n\x0cprotocol_max\x18\x02 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\x04\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\"\n\x04role\x18\x05 \x01(\x0e\x32\x14.replication.v1.Role\",\n\tSessionId\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\x0c\"t\n\x03\x41\x63k\x12*\n\x07session\x18\x01 \x01(\x0b\x32\x19.replication.v1.SessionId\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\x05level\x18\x03 \x01(\x0e\x32\x18.replication.v1.AckLevel\x12\x0b\n\x03mac\x18\x04 \x01(\x0c*\xb5\x01\n\x07\x46\x65\x61ture\x12\x17\n\x13\x46\x45\x41TURE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46\x45\x41TURE_ZSTD\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_HASHMAP_RESYNC\x10\x02\x12\x18\n\x14\x46\x45\x41TURE_RECEIVED_ACK\x10\x04\x12\x19\n\x15\x46\x45\x41TURE_EPOCH_MARKERS\x10\x08\x12\x19\n\x15\x46\x45\x41TURE_SESSION_ORDER\x10\x10\x12\x13\n\x0f\x46\x45\x41TURE_ACK_MAC\x10 *u\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SOURCE\x10\x01\x12\x17\n\x13ROLE_PROCESS_SERVER\x10\x02\x12\x16\n\x12ROLE_MASTER_TARGET\x10\x03\x12\x15\n\x11ROLE_ORCHESTRATOR\x10\x04*B\n\x08\x41\x63kLevel\x12\x19\n\x15\x41\x43K_LEVEL_UNSPECIFIED\x10\x00\x12\x0c\n\x08RECEIVED\x10\x01\x12\r\n\tPERSISTED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'replication.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEATURE']._serialized_start=330
-  _globals['_FEATURE']._serialized_end=463
-  _globals['_ROLE']._serialized_start=465
-  _globals['_ROLE']._serialized_end=582
-  _globals['_ACKLEVEL']._serialized_start=584
-  _globals['_ACKLEVEL']._serialized_end=650
+  _globals['_FEATURE']._serialized_start=343
+  _globals['_FEATURE']._serialized_end=524
+  _globals['_ROLE']._serialized_start=526
+  _globals['_ROLE']._serialized_end=643
+  _globals['_ACKLEVEL']._serialized_start=645
+  _globals['_ACKLEVEL']._serialized_end=711
   _globals['_HELLO']._serialized_start=48
   _globals['_HELLO']._serialized_end=176
   _globals['_SESSIONID']._serialized_start=178
   _globals['_SESSIONID']._serialized_end=222
   _globals['_ACK']._serialized_start=224
-  _globals['_ACK']._serialized_end=327
+  _globals['_ACK']._serialized_end=340
 # @@protoc_insertion_point(module_scope)

@@ -13,6 +13,8 @@ class Feature(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEATURE_HASHMAP_RESYNC: _ClassVar[Feature]
     FEATURE_RECEIVED_ACK: _ClassVar[Feature]
     FEATURE_EPOCH_MARKERS: _ClassVar[Feature]
+    FEATURE_SESSION_ORDER: _ClassVar[Feature]
+    FEATURE_ACK_MAC: _ClassVar[Feature]
 
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +34,8 @@ FEATURE_ZSTD: Feature
 FEATURE_HASHMAP_RESYNC: Feature
 FEATURE_RECEIVED_ACK: Feature
 FEATURE_EPOCH_MARKERS: Feature
+FEATURE_SESSION_ORDER: Feature
+FEATURE_ACK_MAC: Feature
 ROLE_UNSPECIFIED: Role
 ROLE_SOURCE: Role
 ROLE_PROCESS_SERVER: Role
@@ -64,11 +68,13 @@ class SessionId(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., session: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("session", "seq", "level")
+    __slots__ = ("session", "seq", "level", "mac")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     session: SessionId
     seq: int
     level: AckLevel
-    def __init__(self, session: _Optional[_Union[SessionId, _Mapping]] = ..., seq: _Optional[int] = ..., level: _Optional[_Union[AckLevel, str]] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, session: _Optional[_Union[SessionId, _Mapping]] = ..., seq: _Optional[int] = ..., level: _Optional[_Union[AckLevel, str]] = ..., mac: _Optional[bytes] = ...) -> None: ...

@@ -131,6 +131,12 @@ class CreateVolumeRequest(_message.Message):
     subformat: str
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., subformat: _Optional[str] = ...) -> None: ...
 
+class ReleaseVolumeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class StartPairRequest(_message.Message):
     __slots__ = ("disk", "volume")
     DISK_FIELD_NUMBER: _ClassVar[int]

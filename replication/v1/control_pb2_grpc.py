@@ -49,6 +49,11 @@ class ControlStub:
                 request_serializer=replication_dot_v1_dot_control__pb2.CreateVolumeRequest.SerializeToString,
                 response_deserializer=replication_dot_v1_dot_control__pb2.Volume.FromString,
                 _registered_method=True)
+        self.ReleaseVolume = channel.unary_unary(
+                '/replication.v1.Control/ReleaseVolume',
+                request_serializer=replication_dot_v1_dot_control__pb2.ReleaseVolumeRequest.SerializeToString,
+                response_deserializer=replication_dot_v1_dot_control__pb2.Volume.FromString,
+                _registered_method=True)
         self.StartPair = channel.unary_unary(
                 '/replication.v1.Control/StartPair',
                 request_serializer=replication_dot_v1_dot_control__pb2.StartPairRequest.SerializeToString,
@@ -111,6 +116,21 @@ class ControlServicer:
     def CreateVolume(self, request, context):
         """Unary, orchestrator only (master target only). Idempotent for the same name
         and size; another size for an existing name is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseVolume(self, request, context):
+        """Unary, orchestrator only (master target only): stop owning a volume so another
+        writer may have its disk (failover hands the recovered VMDKs to the VMs). Refused
+        with UNAVAILABLE [volume.in_use] (retryable) while a data session on it is open or
+        frames of it are unapplied; otherwise its disk and journal handles are closed
+        (flushed and fsynced), its recovery history is set aside, and it leaves the
+        registry durably (gone after a restart too; its disk file is kept). Sessions that
+        name it then get NOT_FOUND [volume.unknown]. Idempotent: releasing a released
+        volume returns it again; a name never known is NOT_FOUND [volume.unknown].
+        CreateVolume with the same name and size takes it back. Returns the volume.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +211,11 @@ def add_ControlServicer_to_server(servicer, server):
             'CreateVolume': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateVolume,
                     request_deserializer=replication_dot_v1_dot_control__pb2.CreateVolumeRequest.FromString,
+                    response_serializer=replication_dot_v1_dot_control__pb2.Volume.SerializeToString,
+            ),
+            'ReleaseVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseVolume,
+                    request_deserializer=replication_dot_v1_dot_control__pb2.ReleaseVolumeRequest.FromString,
                     response_serializer=replication_dot_v1_dot_control__pb2.Volume.SerializeToString,
             ),
             'StartPair': grpc.unary_unary_rpc_method_handler(
@@ -314,6 +339,33 @@ class Control:
             target,
             '/replication.v1.Control/CreateVolume',
             replication_dot_v1_dot_control__pb2.CreateVolumeRequest.SerializeToString,
+            replication_dot_v1_dot_control__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/replication.v1.Control/ReleaseVolume',
+            replication_dot_v1_dot_control__pb2.ReleaseVolumeRequest.SerializeToString,
             replication_dot_v1_dot_control__pb2.Volume.FromString,
             options,
             channel_credentials,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from replication.v1 import common_pb2 as replication_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19replication/v1/data.proto\x12\x0ereplication.v1\x1a\x1breplication/v1/common.proto\"J\n\x0eHashMapRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0c\x63overed_size\x18\x03 \x01(\x04\"^\n\x0cHashMapChunk\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\x12\x13\n\x0bvolume_size\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lock_count\x18\x04 \x01(\x04\"g\n\x0cSessionState\x12*\n\x07session\x18\x01 \x01(\x0b\x32\x19.replication.v1.SessionId\x12\x15\n\rpersisted_seq\x18\x02 \x01(\x04\x12\x14\n\x0creceived_seq\x18\x03 \x01(\x04\"t\n\x0bOpenSession\x12*\n\x07session\x18\x01 \x01(\x0b\x32\x19.replication.v1.SessionId\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x13\n\x0bvolume_size\x18\x03 \x01(\x04\x12\x10\n\x08protocol\x18\x04 \x01(\r\"#\n\x05\x46rame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\" \n\x0c\x43loseSession\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\"\x9b\x01\n\rSourceMessage\x12+\n\x04open\x18\x01 \x01(\x0b\x32\x1b.replication.v1.OpenSessionH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.replication.v1.FrameH\x00\x12-\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1c.replication.v1.CloseSessionH\x00\x42\x06\n\x04\x62ody2\xa9\x02\n\rProcessServer\x12\x39\n\tHandshake\x12\x15.replication.v1.Hello\x1a\x15.replication.v1.Hello\x12L\n\nGetHashMap\x12\x1e.replication.v1.HashMapRequest\x1a\x1c.replication.v1.HashMapChunk0\x01\x12J\n\x0fGetSessionState\x12\x19.replication.v1.SessionId\x1a\x1c.replication.v1.SessionState\x12\x43\n\tReplicate\x12\x1d.replication.v1.SourceMessage\x1a\x13.replication.v1.Ack(\x01\x30\x01\x32\xa4\x02\n\x0cMasterTarget\x12\x39\n\tHandshake\x12\x15.replication.v1.Hello\x1a\x15.replication.v1.Hello\x12L\n\nGetHashMap\x12\x1e.replication.v1.HashMapRequest\x1a\x1c.replication.v1.HashMapChunk0\x01\x12J\n\x0fGetSessionState\x12\x19.replication.v1.SessionId\x1a\x1c.replication.v1.SessionState\x12?\n\x05\x41pply\x12\x1d.replication.v1.SourceMessage\x1a\x13.replication.v1.Ack(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19replication/v1/data.proto\x12\x0ereplication.v1\x1a\x1breplication/v1/common.proto\"J\n\x0eHashMapRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0c\x63overed_size\x18\x03 \x01(\x04\"^\n\x0cHashMapChunk\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\x04\x12\x0f\n\x07\x64igests\x18\x02 \x01(\x0c\x12\x13\n\x0bvolume_size\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lock_count\x18\x04 \x01(\x04\"t\n\x0cSessionState\x12*\n\x07session\x18\x01 \x01(\x0b\x32\x19.replication.v1.SessionId\x12\x15\n\rpersisted_seq\x18\x02 \x01(\x04\x12\x14\n\x0creceived_seq\x18\x03 \x01(\x04\x12\x0b\n\x03mac\x18\x04 \x01(\x0c\"t\n\x0bOpenSession\x12*\n\x07session\x18\x01 \x01(\x0b\x32\x19.replication.v1.SessionId\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x13\n\x0bvolume_size\x18\x03 \x01(\x04\x12\x10\n\x08protocol\x18\x04 \x01(\r\"#\n\x05\x46rame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\" \n\x0c\x43loseSession\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\"\x9b\x01\n\rSourceMessage\x12+\n\x04open\x18\x01 \x01(\x0b\x32\x1b.replication.v1.OpenSessionH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.replication.v1.FrameH\x00\x12-\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1c.replication.v1.CloseSessionH\x00\x42\x06\n\x04\x62ody2\xa9\x02\n\rProcessServer\x12\x39\n\tHandshake\x12\x15.replication.v1.Hello\x1a\x15.replication.v1.Hello\x12L\n\nGetHashMap\x12\x1e.replication.v1.HashMapRequest\x1a\x1c.replication.v1.HashMapChunk0\x01\x12J\n\x0fGetSessionState\x12\x19.replication.v1.SessionId\x1a\x1c.replication.v1.SessionState\x12\x43\n\tReplicate\x12\x1d.replication.v1.SourceMessage\x1a\x13.replication.v1.Ack(\x01\x30\x01\x32\xa4\x02\n\x0cMasterTarget\x12\x39\n\tHandshake\x12\x15.replication.v1.Hello\x1a\x15.replication.v1.Hello\x12L\n\nGetHashMap\x12\x1e.replication.v1.HashMapRequest\x1a\x1c.replication.v1.HashMapChunk0\x01\x12J\n\x0fGetSessionState\x12\x19.replication.v1.SessionId\x1a\x1c.replication.v1.SessionState\x12?\n\x05\x41pply\x12\x1d.replication.v1.SourceMessage\x1a\x13.replication.v1.Ack(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HASHMAPCHUNK']._serialized_start=150
   _globals['_HASHMAPCHUNK']._serialized_end=244
   _globals['_SESSIONSTATE']._serialized_start=246
-  _globals['_SESSIONSTATE']._serialized_end=349
-  _globals['_OPENSESSION']._serialized_start=351
-  _globals['_OPENSESSION']._serialized_end=467
-  _globals['_FRAME']._serialized_start=469
-  _globals['_FRAME']._serialized_end=504
-  _globals['_CLOSESESSION']._serialized_start=506
-  _globals['_CLOSESESSION']._serialized_end=538
-  _globals['_SOURCEMESSAGE']._serialized_start=541
-  _globals['_SOURCEMESSAGE']._serialized_end=696
-  _globals['_PROCESSSERVER']._serialized_start=699
-  _globals['_PROCESSSERVER']._serialized_end=996
-  _globals['_MASTERTARGET']._serialized_start=999
-  _globals['_MASTERTARGET']._serialized_end=1291
+  _globals['_SESSIONSTATE']._serialized_end=362
+  _globals['_OPENSESSION']._serialized_start=364
+  _globals['_OPENSESSION']._serialized_end=480
+  _globals['_FRAME']._serialized_start=482
+  _globals['_FRAME']._serialized_end=517
+  _globals['_CLOSESESSION']._serialized_start=519
+  _globals['_CLOSESESSION']._serialized_end=551
+  _globals['_SOURCEMESSAGE']._serialized_start=554
+  _globals['_SOURCEMESSAGE']._serialized_end=709
+  _globals['_PROCESSSERVER']._serialized_start=712
+  _globals['_PROCESSSERVER']._serialized_end=1009
+  _globals['_MASTERTARGET']._serialized_start=1012
+  _globals['_MASTERTARGET']._serialized_end=1304
 # @@protoc_insertion_point(module_scope)

@@ -29,14 +29,16 @@ class HashMapChunk(_message.Message):
     def __init__(self, first_block: _Optional[int] = ..., digests: _Optional[bytes] = ..., volume_size: _Optional[int] = ..., block_count: _Optional[int] = ...) -> None: ...
 
 class SessionState(_message.Message):
-    __slots__ = ("session", "persisted_seq", "received_seq")
+    __slots__ = ("session", "persisted_seq", "received_seq", "mac")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PERSISTED_SEQ_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     session: _common_pb2.SessionId
     persisted_seq: int
     received_seq: int
-    def __init__(self, session: _Optional[_Union[_common_pb2.SessionId, _Mapping]] = ..., persisted_seq: _Optional[int] = ..., received_seq: _Optional[int] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, session: _Optional[_Union[_common_pb2.SessionId, _Mapping]] = ..., persisted_seq: _Optional[int] = ..., received_seq: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("session", "block_size", "volume_size", "protocol")

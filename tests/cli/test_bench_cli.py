@@ -50,3 +50,26 @@ def test_too_small_size_and_unknown_stage_are_refused(tmp_path):
     stage = bench("--size", "16M", "--only", "scan,warp", cwd=tmp_path)
     assert stage.returncode == 2 and "unknown stage warp" in stage.stderr
     assert "Traceback" not in small.stderr + stage.stderr
+
+
+def test_a_failed_stage_is_reported_and_exits_1_without_traceback(tmp_path, monkeypatch, capsys):
+    from replication.bench import stages
+    from replication.cli import main
+    from replication.errors import ReplicationError
+
+    def broken(ctx):
+        raise ReplicationError("bench: reprotect.vmdk differs from azure.vhd")
+
+    monkeypatch.setitem(stages.STAGES, "boom", stages.Stage("boom", "always fails", broken))
+    code = main(
+        ["bench", "--size", "4M", "--only", "boom", "--rounds", "1", "--quiet-wait", "0",
+         "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w")]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "boom: FAILED, no figures: bench: reprotect.vmdk differs from azure.vhd" in out
+    assert "[bench.stage_failed]" in err and "Traceback" not in err
+    doc = json.loads((tmp_path / "out" / "bench.json").read_text())
+    (boom,) = [s for s in doc["stages"] if s["name"] == "boom"]
+    assert boom["status"] == "failed" and boom["figures"] == []
+    assert doc["summary"]["stages_failed"] == ["boom"]

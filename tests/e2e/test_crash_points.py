@@ -4,8 +4,14 @@ Each named point (replication/faults.py) is reached by a real agent process star
 with ``REPLICATION_CRASH_AT``; the agent dies there with SIGKILL, is restarted
 without it, and the source's run must still end with a target identical to the
 source (``qemu-img compare``) that passes ``qemu-img check``. The random kills use
-a printed seed (``CRASH_SEED`` reproduces a run; ``CRASH_KILLS`` raises the count
-for a soak).
+a printed seed (``CRASH_SEED`` reproduces a run; ``CRASH_KILLS`` sets the count).
+
+The soak (``pytest -m soak tests/e2e/test_crash_points.py``, excluded from ``make
+test``) kills each agent ``SOAK_KILLS`` (200) times at random moments: resync
+episodes one after the other on the same deployment, each after rewriting half of
+the source's blocks and with 1 to ``KILLS_PER_EPISODE`` kills, each landing while
+the source still runs; after each episode the target is judged as above.
+``CRASH_KILLS`` overrides the count (a short trial).
 """
 
 from __future__ import annotations
@@ -26,13 +32,21 @@ from tests.e2e.agents import (
     restart,
     start,
 )
-from tests.helpers import make_raw, qemu_check, qemu_compare, require
+from tests.helpers import make_raw, mutate_blocks, qemu_check, qemu_compare, require, write_raw
 from tests.proxy import FaultProxy
 
 pytestmark = pytest.mark.oracle
 
 SIZE = 24 << 20
 AGENT_OF = {"spool": "ps", "journal": "mt", "vmdk": "mt"}
+#: the agents' points; the orchestrator's are killed in test_orchestrator_crashes.py
+AGENT_POINTS = sorted(p for p in POINTS if p.split(".")[0] in AGENT_OF)
+#: random kills per agent in the soak (``CRASH_KILLS`` overrides)
+SOAK_KILLS = 200
+#: a bound on the soak's wall time: this many seconds per kill (kills, restarts, judging)
+SOAK_SECONDS_PER_KILL = 15.0
+#: at most this many kills per resync episode (the source agent's --deadline is 180 s)
+KILLS_PER_EPISODE = 8
 
 
 def deploy(tmp_path, *, crash_at: dict[str, str] | None = None):
@@ -105,7 +119,19 @@ def judge(raw, vmdk, src) -> None:
     assert qemu_compare(raw, vmdk, "vmdk").returncode == 0
 
 
-@pytest.mark.parametrize("point", sorted(POINTS))
+def test_every_crash_point_is_killed_by_a_test():
+    """A new point's prefix names an agent here, or the orchestrator's crash tests."""
+    import inspect
+
+    from tests.e2e import test_orchestrator_crashes
+
+    orchestrator = sorted(set(POINTS) - set(AGENT_POINTS))
+    assert orchestrator and all(p.startswith("orchestrator.") for p in orchestrator)
+    killed = inspect.getsource(test_orchestrator_crashes)
+    assert [p for p in orchestrator if f'killed_at(w, store, "{p}"' not in killed] == []
+
+
+@pytest.mark.parametrize("point", AGENT_POINTS)
 def test_a_kill_at_each_named_crash_point_loses_nothing(tmp_path, point):
     who = AGENT_OF[point.split(".")[0]]
     # mid-stream, with earlier frames already acknowledged (grains are allocated once
@@ -150,3 +176,52 @@ def test_random_kills_of_each_agent_lose_nothing(tmp_path, who):
         proxy.close()
         for a in agents.values():
             a.stop()
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("who", ["mt", "ps", "source"])
+def test_soak_random_kills_of_each_agent_lose_nothing(tmp_path, who, request):
+    if "soak" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("long randomized run: opt in with -m soak")
+    seed = int(os.environ.get("CRASH_SEED", random.randrange(1 << 30)))
+    kills = int(os.environ.get("CRASH_KILLS", str(SOAK_KILLS)))
+    print(f"soak: random kills of {who}: CRASH_SEED={seed} CRASH_KILLS={kills}")
+    rng = random.Random(seed)
+    tls, raw, vmdk, agents = deploy(tmp_path)
+    proxy = FaultProxy(agents["ps"].port)
+    deadline = time.monotonic() + SOAK_SECONDS_PER_KILL * kills + 300
+    done = episodes = 0
+    try:
+        while done < kills:
+            assert time.monotonic() < deadline, f"soak over its bound after {done} kills"
+            episodes += 1
+            if episodes > 1:  # new content: this episode's resync has data to move
+                data = bytearray(raw.read_bytes())
+                mutate_blocks(data, 0.5, seed=rng.randrange(1 << 30))
+                write_raw(raw, data)
+            proxy.delay = 0.01  # a slow link: the episode lasts long enough for kills
+            src = source(tls, proxy.port, raw)
+            # a few kills, then the episode must finish within the source's deadline
+            for _ in range(min(kills - done, rng.randint(1, KILLS_PER_EPISODE))):
+                time.sleep(rng.uniform(0.2, 1.0))
+                if src.poll() is not None:
+                    break  # the episode ended: a kill now would not land during a resync
+                src, agents = _kill_and_restart(who, src, agents, tls, proxy.port, raw)
+                done += 1
+            proxy.delay = 0.0
+            judge(raw, vmdk, src)
+    finally:
+        proxy.close()
+        for a in agents.values():
+            a.stop()
+    print(f"soak: {who}: {done} kills in {episodes} episodes, every target equal and clean")
+
+
+def _kill_and_restart(who, src, agents, tls, port, raw):
+    if who == "source":
+        src.kill()
+        src.wait(timeout=10)
+        return source(tls, port, raw), agents  # a fresh session: hash compare again
+    agents[who].kill()
+    agents[who] = restart(agents[who], agents[who].port)
+    return src, agents

@@ -8,7 +8,9 @@ only), and ``db``, a physical server, always failed back to a new VMDK.
 
 Judged from outside: ``qemu-img compare`` of every disk after each step, bytes
 counted by a TCP proxy between source agent and process server, the store's
-content, and the CLI's exit codes and output.
+content, and the CLI's exit codes and output. The on-prem master target is never
+stopped: failover makes it release the recovered VMDKs (``ReleaseVolume``), and it
+serves its other volume through the reverse reprotect.
 
 The second half: every preflight refusal against real agents (a module-scoped
 site), each before any byte moves, and a kill -9 of the orchestrator CLI in the
@@ -269,9 +271,24 @@ def test_the_failback_journey(world):
     backup_lose_and_restore(w, store)
     tag_copy = churn_and_tag(w, site, disks)
     targets = failover(w, store, disks, site, targets, tag_copy)
-    # the master target hands the VMDKs over to the recovered VMs
-    site["mt"].stop()
+    handed_over(w, site, targets)
     reverse_reprotect(w, store, disks, targets)
+    # the master target served its other volumes throughout: still up, still without them
+    assert site["mt"].proc.poll() is None
+    handed_over(w, site, targets)
+
+
+def handed_over(w: World, site: dict, targets: dict) -> None:
+    """Failover released every recovered VMDK: the on-prem master target, still running,
+    no longer lists them (it keeps the alternate volume db's failback pair wrote)."""
+    from replication.certs import load_identity
+    from replication.control import ControlClient
+
+    address = f"127.0.0.1:{site['mt'].port}"
+    with ControlClient(address, load_identity(w.tls, "orchestrator")) as mt:
+        listed = {v.name for v in mt.list_volumes()}
+    produced = targets[("db", "os")].parent.name
+    assert listed == {"db-os-failback"}, (listed, produced)
 
 
 def reprotect(w: World, store: Path, disks: dict, site: dict) -> dict:
@@ -411,6 +428,9 @@ def reverse_reprotect(w: World, store: Path, disks: dict, targets: dict) -> None
         )
         assert job.state == "succeeded"
         assert {vm.phase for vm in o.vms()} == {"protected-to-azure"}
+        # the preflight asked the running on-prem master target: it holds none of them
+        held = [c for c in job.result["checks"] if "let go of" in c["name"]]
+        assert len(held) == 3 and {c["status"] for c in held} == {"passed"}, held
     for key, d in disks.items():
         assert qemu_same(d["vhd"], "vpc", targets[key], "vmdk"), key
     moved = proxy1.bytes_up + proxy1.bytes_down

@@ -8,12 +8,11 @@ a pair's ``state`` and ``error``; and the Prometheus metrics of ``--metrics-list
 removes it, and asserts that the report clears and that the target ends identical
 to the source (``qemu-img compare``).
 
-Where the product does not detect or report a class today the test still says what
-it should see. Everything that works is asserted as usual; each missing report is
-collected by :class:`Gaps` and raised as :class:`Lacking` at the very end, after
-the recovery was checked. Those tests are strict xfails with ``raises=Lacking``: a
-regression of what works fails them (an ordinary ``AssertionError``), and the day
-the missing report lands they pass, which fails the suite until the marker goes.
+The reports of one fault are polled together (:func:`poll`), then each is checked
+(:func:`expect`): a report that never came fails the test and names what is missing.
+The process server's reports come from ``agents/process_server/liveness.py``
+(keepalive, progress deadline, probe; design F4), the relay's problem lines and
+its metrics; the source agent's from its pair table.
 
 Bounds: faults the agents see as errors (a refused or reset connection, a typed
 refusal) must be reported within ``DETECT`` seconds; silent faults (nothing ever
@@ -54,47 +53,8 @@ DETECT_SILENT = 10.0
 CLEAR = 30.0
 GRACE = 2.0
 
-NO_LIVENESS = (
-    "process server: nothing notices a silent PS->MT link (no gRPC keepalive on its "
-    "channel to the master target, no progress deadline on the Apply stream), so "
-    "Status.problems stays empty and no metric moves (wanted: a 'forwarding failed ... "
-    "retrying' problem and a gauge replication_forward_retrying_sessions)"
-)
-NO_FAILURE_COUNTER = (
-    "process server: no counter of failed forwarding attempts (wanted: "
-    "replication_forward_failures_total): a connection dropped under it is retried "
-    "and healed within a second, and shows in Status.problems only between the "
-    "failure and the next ack"
-)
-NO_FORWARD_METRIC = (
-    "process server: no metric reports forwarding that fails and is retried "
-    "(wanted: gauge replication_forward_retrying_sessions; only Status.problems says it)"
-)
-
-
 #: a transient line: it lasts from a failed forward until the next ack (~0.1-0.3 s)
 RETRYING = "a 'retrying' problem line"
-
-
-class Lacking(AssertionError):
-    """A detection or report the product does not have yet (what the strict xfails expect)."""
-
-
-class Gaps:
-    """Missing reports of one test: noted as they are found, raised at the end."""
-
-    def __init__(self) -> None:
-        self.missing: list[str] = []
-
-    def want(self, seen: dict[str, float | None], claim: str, what: str) -> None:
-        """Note ``what`` as missing unless ``claim`` held in ``seen`` (from :func:`poll`)."""
-        if seen.get(claim) is None:
-            self.missing.append(what)
-
-    def settle(self) -> None:
-        """Raise :class:`Lacking` naming every missing report (call it last)."""
-        if self.missing:
-            raise Lacking("; ".join(self.missing))
 
 
 # --- observing ----------------------------------------------------------------------------
@@ -137,6 +97,11 @@ def _holds(claim: Callable[[], object]) -> bool:
         return False
 
 
+def expect(seen: dict[str, float | None], claim: str, what: str) -> None:
+    """Fail naming ``what`` unless ``claim`` held in ``seen`` (from :func:`poll`)."""
+    assert seen.get(claim) is not None, f"not seen: {what}"
+
+
 def within(bound: float, claim: Callable[[], object], what: str, every: float = 0.05) -> float:
     """Seconds until ``claim`` held; fail the test if it did not within ``bound``."""
     seen = poll(bound, {what: claim}, every=every)[what]
@@ -151,17 +116,20 @@ def control(cluster, agent: Agent) -> ControlClient:
 
 
 def metric(agent: Agent, name: str, **labels: str) -> float | None:
-    """The value of one sample on ``agent``'s metrics page (its newest process), or None."""
+    """The sum of the samples on ``agent``'s metrics page (its newest process) named
+    ``name`` with these ``labels`` (all of a counter's reasons, if none given), or None."""
     ports = re.findall(r"metrics_port=(\d+)", agent.log.read_text(errors="replace"))
     assert ports and ports[-1] != "None", f"{agent.log} names no metrics port"
     url = f"http://127.0.0.1:{ports[-1]}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         text = reply.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+    return sum(values) if values else None
 
 
 def forwarding_problem(client: ControlClient, volume: str = "vol1") -> str | None:
@@ -269,13 +237,11 @@ def finish(cluster, src: subprocess.Popen[bytes], ps_client: ControlClient, volu
 # --- the master target unreachable -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=Lacking, reason=NO_FORWARD_METRIC)
 def test_a_stopped_master_target_is_reported_by_the_process_server(cluster):
     source, volume = disks(cluster)
     mt = master_target(cluster, volume=volume)
     ps = process_server(cluster, mt.port)
     ps_client = control(cluster, ps)
-    gaps = Gaps()
     src = source_once(cluster, ps.port, source)
     frames_flowing(ps)
     mt.kill()  # gone: its port refuses connections
@@ -290,20 +256,11 @@ def test_a_stopped_master_target_is_reported_by_the_process_server(cluster):
     assert seen["status"] is not None, ps_client.status()
     assert "UNAVAILABLE" in forwarding_problem(ps_client)
     assert src.poll() is None  # the source is not failed: its frames are RECEIVED
-    gaps.want(seen, "metric", NO_FORWARD_METRIC)
+    expect(seen, "metric", "process server: gauge replication_forward_retrying_sessions 1")
     master_target(cluster, port=mt.port, volume=volume)
     finish(cluster, src, ps_client, volume)
-    gaps.settle()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Lacking,
-    reason="an unreachable master target is reported nowhere while no session forwards: "
-    "the process server does not probe it (Status.problems empty, no gauge "
-    "replication_master_target_up) and the source agent retries its plan silently "
-    "(client._with_retries: pair state stays 'resyncing' with an empty error)",
-)
 def test_an_unreachable_master_target_is_reported_before_any_session(cluster):
     source, volume = disks(cluster)
     mt = master_target(cluster, volume=volume)
@@ -312,7 +269,6 @@ def test_an_unreachable_master_target_is_reported_before_any_session(cluster):
     ps_client = control(cluster, ps)
     src = source_daemon(cluster, ps.port, f"vol1={source}")
     src_client = control(cluster, src)
-    gaps = Gaps()
     within(DETECT, lambda: pair(src_client, "vol1"), "the pair started")
     seen = poll(
         DETECT,
@@ -322,9 +278,9 @@ def test_an_unreachable_master_target_is_reported_before_any_session(cluster):
             "pair error": lambda: pair(src_client, "vol1").error,
         },
     )
-    gaps.want(seen, "ps status", "process server: no problem line for an unreachable MT")
-    gaps.want(seen, "ps metric", "process server: no gauge replication_master_target_up")
-    gaps.want(seen, "pair error", "source agent: the pair's error stays empty while it retries")
+    expect(seen, "ps status", "process server: a problem line for the unreachable MT")
+    expect(seen, "ps metric", "process server: gauge replication_master_target_up 0")
+    expect(seen, "pair error", "source agent: the pair's error says why it retries")
     master_target(cluster, port=mt.port, volume=volume)
     within(CLEAR, lambda: pair(src_client, "vol1").state == "protected", "the pair protected")
     assert pair(src_client, "vol1").error == ""
@@ -333,7 +289,6 @@ def test_an_unreachable_master_target_is_reported_before_any_session(cluster):
     ps_client.close()
     stop_all(cluster)
     assert qemu_compare(source, volume, "vmdk").returncode == 0
-    gaps.settle()
 
 
 # --- the link between the process server and the master target --------------------------
@@ -351,23 +306,18 @@ def relay_through_proxy(cluster):
     return to_mt, ps, ps_client, src, volume
 
 
-@pytest.mark.xfail(strict=True, raises=Lacking, reason=NO_LIVENESS)
 def test_a_stalled_link_to_the_master_target_is_reported(cluster):
     to_mt, ps, ps_client, src, volume = relay_through_proxy(cluster)
-    gaps = Gaps()
     try:
         to_mt.stall(True)
-        _expect_forwarding_reported(gaps, ps, ps_client, DETECT_SILENT, to_mt, src)
+        _expect_forwarding_reported(ps, ps_client, DETECT_SILENT, to_mt, src)
         to_mt.stall(False)
         finish(cluster, src, ps_client, volume)
     finally:
         to_mt.close()
-    gaps.settle()
 
 
-def _expect_forwarding_reported(
-    gaps: Gaps, ps: Agent, ps_client, bound: float, to_mt: FaultProxy, src
-) -> None:
+def _expect_forwarding_reported(ps: Agent, ps_client, bound: float, to_mt: FaultProxy, src) -> None:
     """Poll for the report of a silent fault; check the fault held all along (not faked)."""
     time.sleep(0.5)  # a chunk the proxy was relaying when the fault began is counted by now
     reached = to_mt.bytes_up
@@ -380,19 +330,12 @@ def _expect_forwarding_reported(
     )
     if seen["status"] is None:  # nothing reported: then nothing may have moved either
         assert to_mt.bytes_up == reached and src.poll() is None, "the fault did not hold"
-    gaps.want(seen, "status", f"process server: no problem line within {bound} s")
-    gaps.want(seen, "metric", "process server: no gauge replication_forward_retrying_sessions")
+    expect(seen, "status", f"process server: a 'retrying' problem line within {bound} s")
+    expect(seen, "metric", "process server: gauge replication_forward_retrying_sessions 1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Lacking,
-    reason=NO_FAILURE_COUNTER + "; its attempt count restarts at 1 after every ack, so a "
-    "flapping link never looks worse there than a single cut",
-)
 def test_a_link_cut_again_and_again_is_reported(cluster):
     to_mt, ps, ps_client, src, volume = relay_through_proxy(cluster)
-    gaps = Gaps()
     done, cuts = threading.Event(), []
 
     def cut_repeatedly() -> None:
@@ -409,73 +352,53 @@ def test_a_link_cut_again_and_again_is_reported(cluster):
         hits = sum(1 for n in cuts if n)  # cuts that closed a live connection
         assert hits >= 3, cuts
         failures = metric(ps, "replication_forward_failures_total") or 0
-        if failures < hits // 2:
-            gaps.missing.append(f"process server: {failures} forwarding failures for {hits} cuts")
+        assert failures >= hits // 2, (
+            f"process server: {failures} forwarding failures for {hits} cuts"
+        )
         finish(cluster, src, ps_client, volume)
     finally:
         done.set()
         to_mt.close()
-    gaps.settle()
 
 
 @pytest.mark.parametrize(
     "fault",
     [
-        pytest.param(
-            "server side dropped",
-            marks=pytest.mark.xfail(strict=True, raises=Lacking, reason=NO_LIVENESS),
-        ),
-        pytest.param(
-            "down direction closed",
-            marks=pytest.mark.xfail(strict=True, raises=Lacking, reason=NO_FAILURE_COUNTER),
-        ),
+        "server side dropped",
+        "down direction closed",
     ],
 )
 def test_a_half_open_connection_to_the_master_target_is_reported(cluster, fault):
     to_mt, ps, ps_client, src, volume = relay_through_proxy(cluster)
-    gaps = Gaps()
     try:
         if fault == "server side dropped":
             to_mt.drop_server_side()  # the MT sees the end; the PS's side stays open, unanswered
-            _expect_forwarding_reported(gaps, ps, ps_client, DETECT_SILENT, to_mt, src)
+            _expect_forwarding_reported(ps, ps_client, DETECT_SILENT, to_mt, src)
             to_mt.cut()  # the removal: the half-open connection is finally reset
         else:
             to_mt.close_direction("down")  # the PS reads end-of-stream, its writes still go
             within(DETECT, lambda: forwarding_problem(ps_client), RETRYING, every=0.01)
             failures = metric(ps, "replication_forward_failures_total")
-            if not failures:
-                gaps.missing.append("process server: no replication_forward_failures_total")
+            assert failures, "process server: replication_forward_failures_total counts it"
         finish(cluster, src, ps_client, volume)
     finally:
         to_mt.close()
-    gaps.settle()
 
 
-@pytest.mark.xfail(strict=True, raises=Lacking, reason=NO_LIVENESS)
 def test_a_master_target_that_stops_reading_is_reported(cluster):
     to_mt, ps, ps_client, src, volume = relay_through_proxy(cluster)
-    gaps = Gaps()
     try:
         to_mt.stop_reading("up")  # the PS's frames pile up unread; the MT's side still flows
-        _expect_forwarding_reported(gaps, ps, ps_client, DETECT_SILENT, to_mt, src)
+        _expect_forwarding_reported(ps, ps_client, DETECT_SILENT, to_mt, src)
         to_mt.stop_reading("up", on=False)
         finish(cluster, src, ps_client, volume)
     finally:
         to_mt.close()
-    gaps.settle()
 
 
 # --- the spool full -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Lacking,
-    reason="process server: a spool at its --spool-limit (sources pushed back, RPO "
-    "growing) has no problem line (parking.spool_trouble is only set for a full "
-    "device) and no metric of the limit (wanted: gauge replication_spool_limit_bytes, "
-    "so replication_spool_bytes can be read against it)",
-)
 def test_a_full_spool_is_reported(cluster):
     limit = 4 * MiB
     source = cluster.make_source("source.raw", SIZE, SIZE)  # 16 frames: four times the limit
@@ -483,7 +406,6 @@ def test_a_full_spool_is_reported(cluster):
     mt = master_target(cluster, volume=volume)
     ps = process_server(cluster, mt.port, spool_limit="4M")
     ps_client = control(cluster, ps)
-    gaps = Gaps()
     src = source_once(cluster, ps.port, source, rate="8M/s")
     frames_flowing(ps)
     mt.kill()
@@ -505,8 +427,8 @@ def test_a_full_spool_is_reported(cluster):
         assert seen[claim] is not None, (claim, ps_client.status())
     assert ps_client.status().spool_bytes <= limit
     assert src.poll() is None, cluster.source_log()  # pushed back, not failed
-    gaps.want(seen, "spool problem", "process server: no problem line for a spool at its limit")
-    gaps.want(seen, "limit metric", "process server: no gauge replication_spool_limit_bytes")
+    expect(seen, "spool problem", "process server: a problem line for a spool at its limit")
+    expect(seen, "limit metric", "process server: gauge replication_spool_limit_bytes")
     master_target(cluster, port=mt.port, volume=volume)
     assert src.wait(timeout=CLEAR) == 0, cluster.source_log()
     within(CLEAR, lambda: not ps_client.status().problems, "the problems clear")
@@ -514,20 +436,11 @@ def test_a_full_spool_is_reported(cluster):
     ps_client.close()
     stop_all(cluster)
     assert qemu_compare(source, volume, "vmdk").returncode == 0
-    gaps.settle()
 
 
 # --- refusals -----------------------------------------------------------------------------
 
 
-NO_PAIR_METRIC = (
-    "source agent: no metric of its pairs' states (wanted: gauge "
-    'replication_pairs{state=...}, e.g. replication_pairs{state="error"} 1); only '
-    "Status (pair state/error, problems) says a pair fails"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=Lacking, reason=NO_PAIR_METRIC)
 def test_a_permanent_refusal_is_reported_and_clears_after_the_fix(cluster):
     source, volume = disks(cluster)
     other = cluster.root / "other-passphrase"
@@ -538,7 +451,6 @@ def test_a_permanent_refusal_is_reported_and_clears_after_the_fix(cluster):
     ps_client = control(cluster, ps)
     src = source_daemon(cluster, ps.port, f"vol1={source}")
     src_client = control(cluster, src)
-    gaps = Gaps()
     seen = poll(
         DETECT,
         {
@@ -560,7 +472,7 @@ def test_a_permanent_refusal_is_reported_and_clears_after_the_fix(cluster):
     )
     for claim in ("parked", "parked metric", "pair error", "source problem"):
         assert seen[claim] is not None, (claim, ps_client.status(), src_client.status())
-    gaps.want(seen, "pair metric", NO_PAIR_METRIC)
+    expect(seen, "pair metric", 'source agent: gauge replication_pairs{state="error"} 1')
     # the fix: the right key at the master target, and a restart of the process server
     # (parking lasts for the life of its process)
     mt.stop()
@@ -575,20 +487,8 @@ def test_a_permanent_refusal_is_reported_and_clears_after_the_fix(cluster):
     ps_client.close()
     stop_all(cluster)
     assert qemu_compare(source, volume, "vmdk").returncode == 0
-    gaps.settle()
 
 
-UNKNOWN_VOLUME_LOST = (
-    "process server: GetHashMap relays the master target's stream with a bare "
-    "'yield from', so the MT's NOT_FOUND [volume.unknown] becomes UNKNOWN 'Exception "
-    "iterating responses' without the replication-error-code (and a traceback in the "
-    "PS log per attempt); the source agent takes that for a transient failure and "
-    "retries its plan silently until --deadline (1 h by default): the pair stays "
-    "'resyncing' with an empty error and no problem line. "
-)
-
-
-@pytest.mark.xfail(strict=True, raises=Lacking, reason=UNKNOWN_VOLUME_LOST + NO_PAIR_METRIC)
 def test_a_pair_whose_volume_is_unknown_is_in_error_until_the_volume_exists(cluster):
     source = cluster.make_source("source.raw", SIZE, DATA)
     datastore = cluster.root / "datastore"
@@ -596,7 +496,6 @@ def test_a_pair_whose_volume_is_unknown_is_in_error_until_the_volume_exists(clus
     ps = process_server(cluster, mt.port)
     src = source_daemon(cluster, ps.port, f"disk1={source}", "--idle")
     src_client = control(cluster, src)
-    gaps = Gaps()
     src_client.start_pair("disk1", "vol2")  # no such volume on the master target
     seen = poll(
         DETECT,
@@ -614,9 +513,11 @@ def test_a_pair_whose_volume_is_unknown_is_in_error_until_the_volume_exists(clus
         given=("pair error", "source problem"),
     )
     assert pair(src_client, "disk1").state in ("error", "resyncing"), src_client.status()
-    gaps.want(seen, "pair error", "source agent: pair not in 'error' with [volume.unknown]")
-    gaps.want(seen, "source problem", "source agent: no problem line for the pair")
-    gaps.want(seen, "pair metric", 'source agent: no gauge replication_pairs{state="error"}')
+    expect(seen, "pair error", "source agent: the pair in 'error' with [volume.unknown]")
+    expect(seen, "source problem", "source agent: a problem line for the pair")
+    expect(seen, "pair metric", 'source agent: gauge replication_pairs{state="error"} 1')
+    # the process server relayed the refusal with its status and code (design F5)
+    assert "Traceback" not in ps.log.read_text(errors="replace")
     with control(cluster, mt) as mt_client:
         mt_client.create_volume("vol2", SIZE)
     within(CLEAR, lambda: pair(src_client, "disk1").state == "protected", "the pair protected")
@@ -624,4 +525,3 @@ def test_a_pair_whose_volume_is_unknown_is_in_error_until_the_volume_exists(clus
     src_client.close()
     stop_all(cluster)
     assert qemu_compare(source, datastore / "vol2" / "vol2.vmdk", "vmdk").returncode == 0
-    gaps.settle()

@@ -20,12 +20,11 @@ example must finish within ``SECONDS``):
   change no byte of the volume or its journal; through the master target's servicer
   each is counted in ``replication_rejected_frames``.
 
-Four strict xfails reproduce what is still broken (see their reasons).
+The strict xfails left reproduce what is still broken (see their reasons).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -52,6 +51,9 @@ from replication.disks.vhd import open_vhd
 from replication.disks.vmdk import create_vmdk, open_vmdk
 from replication.disks.vmdk.header import SECTOR
 from replication.errors import (
+    CorruptHeaderError,
+    DiskReadOnlyError,
+    DiskTooLargeError,
     FrameAuthError,
     FrameError,
     FrameGapError,
@@ -60,10 +62,12 @@ from replication.errors import (
     OutOfRangeError,
     RemoteProtocolError,
     ReplicationError,
+    StaleSessionError,
 )
 from replication.frame import FrameEncoder
+from replication.sync import SyncOptions, sync_paths
 from replication.volumes import VolumeRegistry, volume_disk_id
-from tests.helpers import MiB, qemu_convert, realistic_bytes, require, write_raw
+from tests.helpers import MiB, qemu_check, qemu_convert, realistic_bytes, require, write_raw
 
 #: every example must finish within this (no hang, no quadratic walk)
 SECONDS = 5.0
@@ -197,15 +201,10 @@ def test_vmdk_sparse_header_fields(tmp_path, sparse_image, fields, flags) -> Non
     event(f"write: {exercise_writable(path, open_vmdk)}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a 512 KiB monolithicSparse file whose header claims 2 TiB (GD entries all 0, "
-    "its descriptor 48 MiB) makes open() allocate the grain-table array for the claim: "
-    "~224 MiB traced (sparse.py _load_tables: np.zeros(gd_entries * numGTEsPerGT), then "
-    "_validate_entries/_kinds over all of it). Bounded by MAX_GRAINS, but 450x the file.",
-)
 def test_vmdk_memory_follows_the_file_not_the_claimed_capacity(tmp_path, sparse_image) -> None:
+    """A 768 KiB file whose header claims 2 TiB: its GD (65536 entries, all 0) is in
+    the file, its grain tables are not, so open + read + extents cost the file, not
+    the 128 MiB of entries (and 224 MiB of temporaries) a dense table array would."""
     img = bytearray(sparse_image)
     gd_sectors = (1 << 16) * 4 // SECTOR  # 65536 GD entries: 2 TiB of 64 KiB grains
     gd_at = len(img) // SECTOR
@@ -218,6 +217,35 @@ def test_vmdk_memory_follows_the_file_not_the_claimed_capacity(tmp_path, sparse_
     outcome, peak, _ = measured(lambda: exercise(lambda: open_vmdk(str(path))))
     assert outcome == "ok"
     assert peak <= 2 * BASE_BYTES + 4 * len(img), f"{peak >> 20} MiB for {len(img) >> 10} KiB"
+
+
+def test_a_writer_appends_tables_to_such_a_file_within_the_same_bound(tmp_path, sparse_image):
+    """Writes into that file's missing grain tables append tables (qemu checks them);
+    the writer's memory, too, is the tables it appended, not the claim."""
+    img = bytearray(sparse_image)
+    gd_at = len(img) // SECTOR
+    img += bytes((1 << 16) * 4)  # 65536 GD entries, all 0
+    _put(img, 12, "<Q", (2 << 40) // SECTOR)
+    _put(img, 8, "<I", 1)
+    _put(img, 56, "<Q", gd_at)
+    path = tmp_path / "claim.vmdk"
+    path.write_bytes(img)
+    writes = {g * 65536 + 7: bytes([g % 251 + 1]) * 5000 for g in (0, 1, 511, 512, 600, 767)}
+
+    def write_all() -> None:
+        with open_vmdk(str(path), writable=True) as disk:
+            for offset, data in writes.items():
+                disk.write(offset, data)
+
+    outcome, peak, _ = measured(write_all)
+    assert outcome == "ok" and peak <= 2 * BASE_BYTES + 4 * len(img)
+    with open_vmdk(str(path)) as disk:
+        assert disk.vmdk_extents[0].tables.count == 2  # tables 0 and 1, appended
+        for offset, data in writes.items():
+            assert disk.read(offset, len(data)) == data
+        assert disk.read(2 * 65536, 65536) == bytes(65536)
+    check = qemu_check(path)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 # --- VMDK: descriptors naming extent files ------------------------------------------------
@@ -274,28 +302,19 @@ def test_vmdk_descriptor_extent_lines(tmp_path, extent_files, lines, create, par
     event(f"read: {outcome}")
     assert peak <= BASE_BYTES + 1024 * total
     before = {p.name: p.read_bytes() for p in work.iterdir()}
-    try:
-        written = exercise_writable(path, open_vmdk)
-    except NotImplementedError:  # known: test_writing_into_a_zero_extent_is_a_typed_error
-        assert any(kind == "ZERO" for _, _, kind, _, _ in lines)
-        written = "KNOWN: NotImplementedError writing a ZERO extent"
+    written = exercise_writable(path, open_vmdk)
     event(f"write: {written}")
     if written.startswith("refused"):  # a refused writable open leaves every file alone
         assert {p.name: p.read_bytes() for p in work.iterdir()} == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a descriptor with a ZERO extent opens writable, and a write into that extent "
-    "raises NotImplementedError (vmdk/extent.py VmdkExtent.write; flat.py ZeroExtent has "
-    "no write): `replication sync SRC z.vmdk` ends in a traceback, not a typed error",
-)
 def test_writing_into_a_zero_extent_is_a_typed_error(tmp_path) -> None:
-    (tmp_path / "z.vmdk").write_text(
+    """A ZERO extent stores nothing: the writable open is refused, changing no byte."""
+    descriptor = (
         "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
         'createType="monolithicFlat"\nRW 2048 ZERO\n'
     )
+    (tmp_path / "z.vmdk").write_text(descriptor)
     (tmp_path / "src.raw").write_bytes(os.urandom(MiB))
     proc = subprocess.run(
         [sys.executable, "-m", "replication", "sync", "src.raw", "z.vmdk"],
@@ -305,7 +324,82 @@ def test_writing_into_a_zero_extent_is_a_typed_error(tmp_path) -> None:
         timeout=120,
     )
     assert "Traceback" not in proc.stderr, proc.stderr[-300:]
-    assert proc.returncode != 0 and proc.stderr.startswith("replication: error [")
+    assert proc.returncode != 0 and proc.stderr.startswith("replication: error [disk.read_only]")
+    assert (tmp_path / "z.vmdk").read_text() == descriptor  # not even a new CID
+    with pytest.raises(DiskReadOnlyError):
+        open_vmdk(str(tmp_path / "z.vmdk"), writable=True)
+    with open_vmdk(str(tmp_path / "z.vmdk")) as disk:  # read-only, it is a disk of zeros
+        assert disk.read(0, MiB) == bytes(MiB)
+        assert "has ZERO extents (they store nothing)" in disk.info().notes
+
+
+def _escaping_descriptors(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A victim file outside ``vm/``, and descriptors in ``vm/`` naming it four ways."""
+    (tmp_path / "vm").mkdir()
+    victim = tmp_path / "victim.raw"
+    victim.write_bytes(b"secret!!" * (MiB // 8))
+    (tmp_path / "vm" / "link.raw").symlink_to(victim)  # a symlink inside, leading out
+    (tmp_path / "vm" / "sub").mkdir()
+    names = {
+        "absolute": str(victim),
+        "dotdot": "../victim.raw",
+        "inner-dotdot": "sub/../../victim.raw",
+        "symlink": "link.raw",
+    }
+    descriptors = {}
+    for case, name in names.items():
+        path = tmp_path / "vm" / f"{case}.vmdk"
+        path.write_text(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+            f'createType="monolithicFlat"\nRW 2048 FLAT "{name}" 0\n'
+        )
+        descriptors[case] = path
+    return victim, descriptors
+
+
+def test_a_descriptor_cannot_name_a_file_outside_its_directory(tmp_path) -> None:
+    """Absolute names, ``..`` and symlinks leading out: refused for reads and writes."""
+    victim, descriptors = _escaping_descriptors(tmp_path)
+    before = victim.read_bytes()
+    for case, path in descriptors.items():
+        for writable in (False, True):
+            with pytest.raises(CorruptHeaderError, match="descriptor's directory") as info:
+                open_disk(str(path), writable=writable)
+            assert info.value.code == "disk.corrupt_header", case
+    assert victim.read_bytes() == before
+    # the same extent beside its descriptor, and in a directory below it, opens
+    (tmp_path / "vm" / "flat.raw").write_bytes(before)
+    (tmp_path / "vm" / "sub" / "flat.raw").write_bytes(before)
+    for name in ("flat.raw", "sub/flat.raw"):
+        good = tmp_path / "vm" / "good.vmdk"
+        good.write_text(descriptors["dotdot"].read_text().replace("../victim.raw", name))
+        with open_disk(str(good), writable=True) as disk:
+            disk.write(0, b"mine")
+        assert (tmp_path / "vm" / name).read_bytes()[:8] == b"mine" + before[4:8]
+    assert victim.read_bytes() == before
+
+
+def test_a_master_target_volume_cannot_reach_outside_its_descriptor(tmp_path) -> None:
+    """A registered volume whose descriptor names another file: listed as broken,
+    refused for a session, and the named file is never opened for writing."""
+    victim, descriptors = _escaping_descriptors(tmp_path)
+    before = victim.read_bytes()
+    (tmp_path / "store").mkdir()
+    registered = {f"evil-{case}": str(path) for case, path in descriptors.items()}
+    registry = VolumeRegistry(registered, tmp_path / "store")
+    applier = Applier(registry, tmp_path / "state.db", SECRET)
+    try:
+        for info in registry.list():
+            assert info.problem is not None and info.problem.startswith("disk.corrupt_header")
+        for name in registered:
+            with pytest.raises(CorruptHeaderError):
+                registry.get(name)
+            salt = FrameEncoder(SECRET, volume_disk_id(name)).session_salt
+            with pytest.raises(CorruptHeaderError):
+                applier.open_session(name, salt, BS, MiB)
+    finally:
+        applier.close()
+    assert victim.read_bytes() == before
 
 
 # --- VMDK: streamOptimized (compressed grains, markers, footer) -------------------------
@@ -453,23 +547,20 @@ _HUGE_ZERO = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="`replication sync` of two 100-byte descriptors claiming 512 TiB of zeros "
-    "allocates hash maps for the claim (hashmap.py HashMap.empty: 16 B per block, "
-    "128 GiB) and dies with numpy's MemoryError and a traceback (exit 1), not a typed "
-    "error; below the machine's memory the allocation succeeds and is touched",
-)
 def test_sync_of_a_descriptor_claiming_petabytes_is_a_typed_error(tmp_path) -> None:
-    for name in ("a.vmdk", "b.vmdk"):
-        (tmp_path / name).write_text(_HUGE_ZERO)
+    """A 100-byte descriptor claims 512 TiB of zeros: its maps would take 256 GiB.
+
+    (A ZERO extent cannot be a target, and no writable disk that large fits in a
+    test: the bound is checked on the source before the target's size.)
+    """
+    (tmp_path / "a.vmdk").write_text(_HUGE_ZERO)
+    write_raw(tmp_path / "b.raw", bytes(MiB))
 
     def limit() -> None:  # 3 GiB of address space: a 128 GiB map can never be touched
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 
     proc = subprocess.run(
-        [sys.executable, "-m", "replication", "sync", "--json", "a.vmdk", "b.vmdk"],
+        [sys.executable, "-m", "replication", "sync", "--json", "a.vmdk", "b.raw"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -477,7 +568,34 @@ def test_sync_of_a_descriptor_claiming_petabytes_is_a_typed_error(tmp_path) -> N
         preexec_fn=limit,
     )
     assert "Traceback" not in proc.stderr, proc.stderr[-300:]
-    assert proc.stderr.startswith("replication: error [")
+    assert proc.stderr.startswith("replication: error [disk.too_large]"), proc.stderr[-300:]
+    assert proc.returncode == 3
+
+
+def test_sync_memory_is_bounded_by_its_configuration(tmp_path) -> None:
+    """In process: refused before a map is allocated; a bound that covers a claim
+    (64 GiB of zeros in 4 MiB blocks: 16384 blocks, 32 bytes each) lets it sync."""
+    (tmp_path / "huge.vmdk").write_text(_HUGE_ZERO)
+    (tmp_path / "zeros.vmdk").write_text(
+        _HUGE_ZERO.replace("1099511627775", str((64 << 30) // SECTOR))
+    )
+    target = tmp_path / "t.raw"
+    with open(target, "wb") as f:
+        f.truncate(64 << 30)  # a sparse file: a writable 64 GiB disk of zeros
+
+    def sync(source: str, **kwargs: int):
+        options = SyncOptions(use_map_cache=False, **kwargs)
+        return sync_paths(str(tmp_path / source), str(target), options)
+
+    outcome, peak, _ = measured(lambda: sync("huge.vmdk"))
+    assert outcome == "disk.too_large" and peak <= BASE_BYTES
+    report = sync("zeros.vmdk", block_size=4 * MiB, max_map_bytes=16384 * 32)
+    assert report.blocks_total == 16384 and report.blocks_differing == 0
+    assert report.bytes_read == 0  # zero extents and holes are never read
+    with pytest.raises(DiskTooLargeError, match="the bound is 524287"):
+        sync("zeros.vmdk", block_size=4 * MiB, max_map_bytes=16384 * 32 - 1)
+    with pytest.raises(DiskTooLargeError):  # at 64 KiB blocks it needs 32 MiB of maps
+        sync("zeros.vmdk", max_map_bytes=32 * MiB - 1)
 
 
 # --- block frames at the master target ----------------------------------------------------
@@ -636,24 +754,28 @@ def test_oversized_marker_is_refused(target) -> None:
     assert err.code in ("protocol.remote", "frame.format")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="frames of an older session are applied after a newer session persisted the "
-    "same blocks: a process server (or a stolen process-server certificate) that keeps "
-    "the undelivered tail of an abandoned session can roll those blocks back later. "
-    "applier.py lists 'ordering between two sessions' as not handled yet.",
-)
 def test_the_tail_of_an_abandoned_session_cannot_roll_blocks_back(target) -> None:
-    t = target  # session A: frames 1-3 persisted
-    stale = t.frame(4, 2 * BS, b"old content" * 100)  # sealed and spooled, never delivered
-    newer = FrameEncoder(SECRET, volume_disk_id("vm1"), level=1)  # the source restarted
+    """Design S7: a late tail of an older session is refused, however it arrives."""
+    t = target
+    disk_id = volume_disk_id("vm1")
+    abandoned = FrameEncoder(SECRET, disk_id, level=1, order=41)  # the source's session 41
+    t.applier.open_session("vm1", abandoned.session_salt, BS, VOL_SIZE)
+    t.applier.apply("vm1", abandoned.session_salt, 1, abandoned.encode(1, BS, b"a" * 4096))
+    t.applier.commit()
+    stale = abandoned.encode(2, 2 * BS, b"old content" * 100)  # spooled, never delivered
+    newer = FrameEncoder(SECRET, disk_id, level=1, order=42)  # the source restarted
     t.applier.open_session("vm1", newer.session_salt, BS, VOL_SIZE)
     t.applier.apply("vm1", newer.session_salt, 1, newer.encode(1, 2 * BS, b"new content" * 100))
     t.applier.commit()  # PERSISTED: the source forgets block 2
-    with contextlib.suppress(ReplicationError):  # the relay delivers A's tail now
-        t.applier.apply("vm1", t.salt, 4, stale)
-        t.applier.commit()
+    before = t.fingerprint()
+    with pytest.raises(StaleSessionError):  # the relay delivers the old tail now
+        t.applier.apply("vm1", abandoned.session_salt, 2, stale)
+    with pytest.raises(StaleSessionError):  # or opens the old session again first
+        t.applier.open_session("vm1", abandoned.session_salt, BS, VOL_SIZE)
+    with pytest.raises(StaleSessionError):  # or an unordered session (a downgrade)
+        t.applier.apply("vm1", t.salt, 4, t.next)
+    assert t.applier.commit() == {}
+    assert t.fingerprint() == before
     with open_disk(t.registry.path("vm1")) as d:
         assert d.read(2 * BS, 11) == b"new content"
 

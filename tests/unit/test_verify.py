@@ -4,8 +4,8 @@ What is proven here: the verdict and the reported ranges are exact for any windo
 size and across formats; a block written while the first pass read it (a write in
 flight) is not reported, a block that stays different is; holes are not read; the
 memory of a comparison does not grow with a disk's claimed size; a manifest store
-is read, never created. One strict xfail documents a race with a running master
-target (``test_opening_a_store_beside_its_owner_does_not_break_its_commit``).
+is read, never created, and a verify beside its running owner (a master target
+writing its next point) removes and writes nothing in it.
 """
 
 from __future__ import annotations
@@ -319,26 +319,50 @@ def test_a_store_is_opened_never_created(tmp_path, content):
         verify_manifest_path(str(vol), str(tmp_path / "m"), "0" * 63 + "G")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ManifestError,
-    reason="ManifestStore() deletes every '.*.tmp' of the store, including the owner's "
-    "write in flight: a verify beside a running master target can fail its point commit. "
-    "Needs a read-only open (no mkdir, no cleanup) in replication/manifest.py.",
-)
 def test_opening_a_store_beside_its_owner_does_not_break_its_commit(tmp_path, monkeypatch):
+    """verify opens the store while its owner's next point is written but not renamed."""
+    vol = make_disk(tmp_path / "vol.raw", bytes(SIZE))
     owner = ManifestStore(tmp_path / "m")
-    digests = HashMap.empty(SIZE, BS).digests
+    first = owner.commit(HashMap.empty(SIZE, BS).digests, BS, SIZE)
+    changed = HashMap.empty(SIZE, BS)
+    changed.digests[5] = np.frombuffer(b"x" * 16, dtype=changed.digests.dtype)[0]
+    objects = tmp_path / "m" / "objects"
     real_replace = os.replace
+    seen = []
 
-    def verify_opens_the_store_meanwhile(src, dst, *args, **kwargs):
+    def verify_runs_meanwhile(src, dst, *args, **kwargs):
         # the owner has written and fsynced its temporary file; a verifier starts now
-        verify_mod.ManifestStore(tmp_path / "m")
+        seen.append(sorted(p.name for p in objects.iterdir()))
+        report = verify_manifest_path(str(vol), str(tmp_path / "m"), first, FAST)
+        assert report.equal
+        assert sorted(p.name for p in objects.iterdir()) == seen[-1]  # nothing removed
         return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(os, "replace", verify_opens_the_store_meanwhile)
-    root = owner.commit(digests, BS, SIZE)  # raises ManifestError: temp file vanished
-    assert owner.exists(root)
+    monkeypatch.setattr(os, "replace", verify_runs_meanwhile)
+    second = owner.commit(changed.digests, BS, SIZE, parent=first)
+    monkeypatch.undo()
+    assert any(name.endswith(".tmp") for name in seen[0])  # the write in flight was there
+    assert owner.exists(second) and owner.load(second).digests[5] == changed.digests[5]
+
+
+def test_a_read_only_store_creates_removes_and_writes_nothing(tmp_path):
+    with pytest.raises(ManifestError, match="not a manifest store"):
+        ManifestStore.open_read_only(tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
+    owner = ManifestStore(tmp_path / "m")
+    root = owner.commit(HashMap.empty(SIZE, BS).digests, BS, SIZE)
+    leftover = tmp_path / "m" / "objects" / ".left.tmp"
+    leftover.write_bytes(b"an interrupted write")
+    reader = ManifestStore.open_read_only(tmp_path / "m")
+    assert leftover.exists() and reader.exists(root) and reader.roots() == [root]
+    assert reader.load(root).digests.tobytes() == HashMap.empty(SIZE, BS).digests.tobytes()
+    with pytest.raises(ManifestError, match="read-only"):
+        reader.commit(HashMap.empty(SIZE, BS).digests, BS, SIZE + BS)
+    with pytest.raises(ManifestError, match="read-only"):
+        reader.gc([])
+    assert sorted(p.name for p in (tmp_path / "m" / "objects").iterdir()) == [".left.tmp", root]
+    ManifestStore(tmp_path / "m")  # the owner's open removes its leftovers
+    assert not leftover.exists()
 
 
 def test_report_to_dict_is_json_ready(tmp_path, content):

@@ -71,11 +71,12 @@ def _is_zero(buf: memoryview | bytearray) -> bool:
 def _write_batch(ext: SparseExtent, offset: int, view: memoryview) -> None:
     gb, end = ext.grain_bytes, offset + len(view)
     inplace: list[list[int]] = []  # [file offset, view start, view end], merged when contiguous
-    kinds = ext._kinds(ext.gte[offset // gb : -(-end // gb)])
+    entries = ext.tables.entries(offset // gb, -(-end // gb))  # a batch: a few tables
+    kinds = ext._kinds(entries)
     for k, g in enumerate(range(offset // gb, -(-end // gb))):
         lo, hi = max(offset, g * gb), min(end, (g + 1) * gb)
         if kinds[k] == DATA:
-            file_pos = int(ext.gte[g]) * SECTOR + lo - g * gb
+            file_pos = int(entries[k]) * SECTOR + lo - g * gb
             last = inplace[-1] if inplace else None
             # merge only when contiguous both in the file and in the caller's buffer
             if last and last[2] == lo - offset and last[0] + (last[2] - last[1]) == file_pos:
@@ -104,7 +105,7 @@ def flush_pending(ext: SparseExtent) -> None:
     new = [
         (g, memoryview(buf))
         for g, buf in sorted(ext.pending.items())
-        if not _is_zero(buf) and ext.gte[g] <= 1
+        if not _is_zero(buf) and ext.tables.get(g) <= 1
     ]
     if new:
         _allocate_grains(ext, new)
@@ -123,7 +124,7 @@ def _allocate_grains(ext: SparseExtent, new: list[tuple[int, memoryview]]) -> No
     fsync(ext.fd, ext.path)
     crash_point("vmdk.grains_written")
     first_sector = start // SECTOR
-    ext.gte[grains] = first_sector + np.arange(len(new), dtype=np.int64) * ext.grain_sectors
+    ext.tables.set(grains, first_sector + np.arange(len(new), dtype=np.int64) * ext.grain_sectors)
     tables = np.unique(grains // n)
     spans = [(int(t), grains[grains // n == t] % n) for t in tables]
     for directory in (ext.gd, ext.rgd):  # primary tables first, then redundant ones
@@ -131,7 +132,7 @@ def _allocate_grains(ext: SparseExtent, new: list[tuple[int, memoryview]]) -> No
             continue
         for t, idx in spans:
             lo, hi = int(idx.min()), int(idx.max()) + 1
-            entries = ext.gte[t * n + lo : t * n + hi].astype("<u4").tobytes()
+            entries = ext.tables.row(t)[lo:hi].astype("<u4").tobytes()
             pwrite_full(ext.fd, entries, int(directory[t]) * SECTOR + lo * 4, ext.path)
     fsync(ext.fd, ext.path)
 
@@ -146,6 +147,7 @@ def _allocate_tables(ext: SparseExtent, tables: list[int]) -> None:
     fsync(ext.fd, ext.path)
     first = start // SECTOR
     for i, t in enumerate(tables):
+        ext.tables.add(t)  # zeros, as on disk
         ext.gd[t] = first + i * ext.header.gt_sectors
         if ext.rgd is not None:
             ext.rgd[t] = first + (len(tables) + i) * ext.header.gt_sectors

@@ -12,6 +12,7 @@ import errno
 import os
 from collections.abc import Iterator
 
+from ...errors import DiskReadOnlyError
 from ..base import zero_buffer
 from .extent import HoleFiller, VmdkExtent, pread_full, pwrite_full, zero_fill
 
@@ -74,6 +75,12 @@ class ZeroExtent(VmdkExtent):
 
     def read_into(self, offset: int, view: memoryview, hole: HoleFiller = zero_fill) -> None:
         zero_fill(offset, view)
+
+    def write(self, offset: int, view: memoryview) -> None:
+        raise DiskReadOnlyError("a ZERO extent reads as zeros and stores nothing")
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        raise DiskReadOnlyError("a ZERO extent reads as zeros and stores nothing")
 
     def iter_extents(self) -> Iterator[tuple[int, int, bool]]:
         yield (0, self.length, True)

@@ -32,6 +32,8 @@ def target_problems(disk: VmdkDisk) -> list[str]:
         problems.append("streamOptimized (compressed) VMDKs are read-only")
     if desc is not None and any(e.access != "RW" for e in desc.extents):
         problems.append("has read-only extents")
+    if desc is not None and any(e.type == "ZERO" for e in desc.extents):
+        problems.append("has ZERO extents (they store nothing)")
     children = find_children(disk.desc_path, disk.own_files())
     if children:
         problems.append(

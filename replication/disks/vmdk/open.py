@@ -2,8 +2,9 @@
 
 ``path`` may be a text descriptor, a monolithic sparse file (descriptor embedded) or
 a bare sparse extent (read-only). Everything that decides whether the disk may be
-written (snapshot chain, streamOptimized, read-only extents) is checked *before* a
-file is opened for writing, so a refused disk is left byte-for-byte unchanged.
+written (snapshot chain, streamOptimized, read-only or ZERO extents) is checked
+*before* a file is opened for writing, so a refused disk is left byte-for-byte
+unchanged. Extent files must lie in the descriptor's directory (:func:`_confined`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def _check_descriptor(path: str, desc: Descriptor, writable: bool) -> None:
             raise UnsupportedFormatError(f"{path}: extent with NOACCESS")
         if writable and ext.access != "RW":
             raise DiskReadOnlyError(f"{path}: the descriptor marks an extent {ext.access}")
+        if writable and ext.type == "ZERO":
+            raise DiskReadOnlyError(f"{path}: a ZERO extent reads as zeros and stores nothing")
     if writable and desc.create_type == "streamOptimized":
         raise DiskReadOnlyError(
             f"{path}: streamOptimized VMDKs are read-only (compressed, append-only grains); "
@@ -149,10 +152,33 @@ def _extent_paths(path: str, desc: Descriptor | None, embedded: bool) -> list[st
             paths.append("")
             continue
         assert ext.filename is not None  # checked by the descriptor parser
-        paths.append(
-            ext.filename if os.path.isabs(ext.filename) else os.path.join(base, ext.filename)
-        )
+        paths.append(_confined(path, base, ext.filename))
     return paths
+
+
+def _confined(path: str, base: str, name: str) -> str:
+    """Resolve an extent file name inside the descriptor's directory, or refuse it.
+
+    VMware and qemu write extent names relative to the descriptor, in its directory.
+    A descriptor is input we do not trust (a disk may come from anywhere): an absolute
+    name, a ``..`` component or a symlink leading out would make a reader (or, for a
+    target, a writer) use a file that is no part of the disk.
+    """
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or ".." in parts:
+        raise CorruptHeaderError(
+            f"{path}: extent file {name!r} is not a name inside the descriptor's directory",
+            hint="extent files must sit beside their descriptor (or below it), named relatively",
+        )
+    resolved = os.path.join(base, name)
+    root = os.path.realpath(base)
+    real = os.path.realpath(resolved)
+    if real == root or os.path.commonpath([root, real]) != root:
+        raise CorruptHeaderError(
+            f"{path}: extent file {name!r} resolves to {real!r}, not to a file inside the "
+            "descriptor's directory (a symlink leads out)"
+        )
+    return resolved
 
 
 def _open_extents(

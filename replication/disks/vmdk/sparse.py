@@ -1,10 +1,10 @@
 """Hosted sparse extents (``KDMV``): header, grain directory and tables, reads.
 
-The grain tables are loaded at open into one flat ``numpy.uint32`` array ``gte``
-(one entry per grain; ``numpy.zeros`` is lazily backed, so unallocated tables cost
-no memory). Every table is validated against the file size first: a GD entry must
-point inside the file, tables must not overlap, grains must lie between
-``overHead`` and the end of the file.
+The grain tables the grain directory points at are loaded at open into a
+:class:`~.tables.GrainTables` (one row per allocated table), so memory follows the
+tables the file holds, never the capacity its header claims. Every table is
+validated against the file size first: a GD entry must point inside the file,
+tables must not overlap, grains must lie between ``overHead`` and the end of the file.
 
 GTE meaning: 0 = unallocated (parent or zeros), 1 = zeroed grain (only with
 version >= 2 and flags bit 2), otherwise the sector of the grain in this file.
@@ -30,6 +30,7 @@ from .extent import (
     zero_fill,
 )
 from .header import GD_AT_END, SECTOR, UNCLEAN_SHUTDOWN_OFFSET, SparseHeader
+from .tables import GrainTables
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class SparseExtent(VmdkExtent):
         self.file_size = os.fstat(fd).st_size
         self.gd = np.zeros(0, dtype=np.uint32)
         self.rgd: np.ndarray | None = None
-        self.gte = np.zeros(0, dtype=np.uint32)
+        self.tables = GrainTables(header.num_gtes_per_gt, header.grains, 0, 0)
         self.session_open = False  # uncleanShutdown set on disk
         self.hole_is_zero = True  # False for a child: holes read the parent
         # new grains written but not yet allocated (see allocate.py); only the single
@@ -96,11 +97,17 @@ class SparseExtent(VmdkExtent):
             self._validate_directory(self.rgd, "RGD")
             if not np.array_equal(self.gd == 0, self.rgd == 0):
                 self._repair_torn_table_allocation()
-        # lazily backed: only tables actually read touch memory
-        self.gte = np.zeros(h.gd_entries * h.num_gtes_per_gt, dtype=np.uint32)
+        allocated = int(np.count_nonzero(self.gd))
+        self.tables = GrainTables(h.num_gtes_per_gt, h.grains, h.gd_entries, allocated)
         self._read_tables()
-        self.gte = self.gte[: h.grains]
         self._validate_entries()
+
+    @property
+    def gte(self) -> np.ndarray:
+        """Every entry as one read-only array (tests and diagnostics: 4 B per grain)."""
+        dense = self.tables.entries(0, self.header.grains)
+        dense.flags.writeable = False
+        return dense
 
     def _repair_torn_table_allocation(self) -> None:
         """Undo a grain-table allocation cut between its GD and RGD entry writes.
@@ -166,12 +173,13 @@ class SparseExtent(VmdkExtent):
             first, count = int(idx[i]), j - i
             raw = pread_bytes(self.fd, count * gt_bytes, int(self.gd[first]) * SECTOR, self.path)
             tables = np.frombuffer(raw, dtype="<u4").reshape(count, gt_bytes // 4)[:, :n]
-            self.gte[first * n : (first + count) * n] = tables.reshape(-1)
+            self.tables.load(first, tables)
             i = j
 
     def _validate_entries(self) -> None:
         h, where = self.header, self.path
-        data = self.gte[self._kinds(self.gte) == DATA].astype(np.int64)
+        loaded = self.tables.loaded()
+        data = loaded[self._kinds(loaded) == DATA].astype(np.int64)
         if data.size == 0:
             return
         if data.min() < max(h.overhead, 1):
@@ -219,8 +227,15 @@ class SparseExtent(VmdkExtent):
         """Yield (kind, first grain, grain count, sector) for grains [first, last).
 
         A DATA run holds grains stored back to back in the file, so it is one read.
+        A run may be cut where the tables are walked in pieces (see tables.py).
         """
-        ent = self.gte[first:last].astype(np.int64)
+        for start, end, entries in self.tables.chunks(first, last):
+            if entries is None:  # no table: one hole, however large the claim
+                yield HOLE, start, end - start, 0
+            else:
+                yield from self._runs_of(start, entries.astype(np.int64))
+
+    def _runs_of(self, first: int, ent: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
         kinds = self._kinds(ent)
         brk = kinds[1:] != kinds[:-1]
         if self._stream is None:  # consecutive grains contiguous in the file
@@ -258,21 +273,46 @@ class SparseExtent(VmdkExtent):
                 view[lo - offset : hi - offset] = buf[lo - g * gb : hi - g * gb]
 
     def iter_extents(self) -> Iterator[tuple[int, int, bool]]:
-        gb = self.grain_bytes
-        kinds = self._kinds(self.gte)
-        nonzero = kinds == DATA
-        if not self.hole_is_zero:  # a child: unallocated grains show the parent's data
-            nonzero |= kinds == HOLE
-        nonzero[list(self.pending)] = True
-        brk = np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1
-        starts = np.concatenate(([0], brk, [len(nonzero)]))
-        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
-            lo, hi = a * gb, min(b * gb, self.length)
-            if hi > lo:
-                yield (lo, hi - lo, not bool(nonzero[a]))
+        gb, cur = self.grain_bytes, None  # cur: [first grain, end grain, holds data]
+        for first, nonzero in self._nonzero_pieces():
+            brk = np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1
+            starts = np.concatenate(([0], brk, [len(nonzero)]))
+            for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+                flag = bool(nonzero[a])
+                if cur is not None and cur[2] == flag:
+                    cur[1] = first + b
+                    continue
+                if cur is not None:
+                    yield from self._byte_range(cur, gb)
+                cur = [first + a, first + b, flag]
+        if cur is not None:
+            yield from self._byte_range(cur, gb)
+
+    def _byte_range(self, run: list, gb: int) -> Iterator[tuple[int, int, bool]]:
+        lo, hi = run[0] * gb, min(run[1] * gb, self.length)
+        if hi > lo:
+            yield (lo, hi - lo, not run[2])
+
+    def _nonzero_pieces(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first grain, bool per grain: may hold data) in bounded pieces."""
+        pending = np.array(sorted(self.pending), dtype=np.int64)
+        grains = min(self.header.grains, -(-self.length // self.grain_bytes))
+        for first, end, entries in self.tables.chunks(0, grains):
+            count = end - first
+            if entries is None:  # a child's holes show the parent: data, not zeros
+                nonzero = np.full(count, not self.hole_is_zero)
+            else:
+                kinds = self._kinds(entries)
+                nonzero = kinds == DATA
+                if not self.hole_is_zero:
+                    nonzero |= kinds == HOLE
+            lo, hi = np.searchsorted(pending, [first, first + count])
+            nonzero[pending[lo:hi] - first] = True
+            yield first, nonzero
 
     def allocated_bytes(self) -> int:
-        allocated = int(np.count_nonzero(self._kinds(self.gte) == DATA)) + len(self.pending)
+        loaded = self.tables.loaded()
+        allocated = int(np.count_nonzero(self._kinds(loaded) == DATA)) + len(self.pending)
         return allocated * self.grain_bytes
 
     # -- writes (see allocate.py) --------------------------------------------------------------
