@@ -58,6 +58,7 @@ lint: install
 
 docs: install
 	$(PYTHON) -c "from replication.errors import render_error_table as r; open('docs/errors.md','w').write(r())"
+	$(PYTHON) -c "from replication.orchestrator.diagrams import update; update('docs/orchestrator.md')"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

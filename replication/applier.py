@@ -131,7 +131,7 @@ from .errors import (
     VolumeInUseError,
 )
 from .frame import TAG_SIZE, DecodedFrame, FrameDecoder, FrameHeader, peek_header
-from .hashmap import HashMap
+from .hashmap import WINDOW_BLOCKS, DiskWindow, ExtentCursor, HashMap
 from .history import HistoryPolicy, ScratchBuffer, VolumeHistory, parse_marker
 from .journal import PointInfo
 from .keys import SALT_SIZE
@@ -374,6 +374,10 @@ class Applier:
     Not thread-safe (the master target serialises calls with one lock), except
     :meth:`predecode`, which any thread may call at any time.
     """
+
+    #: blocks of a volume's hash map computed at once (16 bytes each) by
+    #: :meth:`hash_map_chunks`: what bounds its memory, whatever the volume's size
+    map_window_blocks: int = WINDOW_BLOCKS
 
     def __init__(
         self,
@@ -834,38 +838,57 @@ class Applier:
     ) -> Iterator[tuple[int, bytes, int, int]]:
         """Yield ``(first_block, digests, volume_size, block_count)`` chunks of the map.
 
-        ``digests`` holds at most ``chunk_blocks`` 16-byte digests. The whole map is
-        computed first (16 bytes per block, as in ``sync``); only the messages are
-        bounded. An empty map still yields one empty chunk so the caller learns the
-        volume size. Raises DiskSizeMismatchError if ``covered_size`` exceeds the volume.
+        ``digests`` holds at most ``chunk_blocks`` 16-byte digests. The map is computed
+        a window (:attr:`map_window_blocks`) at a time, each window when the caller
+        asks for its first chunk: memory is 16 bytes per block of one window, whatever
+        the volume's size. The caller serialises each ``next()`` with the applier's
+        other calls (it reads the volume): a window is hashed through the writable
+        handle if a session has one open (it sees its own writes), else through a
+        handle opened for that window alone, so no window reads through a handle
+        older than the writes before it. An empty map still yields one empty chunk so
+        the caller learns the volume size. Raises DiskSizeMismatchError, on the first
+        ``next()``, if ``covered_size`` exceeds the volume.
         """
         check_block_size(block_size)
         if not 1 <= chunk_blocks <= MAX_HASHMAP_CHUNK_BLOCKS:
             raise UsageError(f"chunk_blocks {chunk_blocks} outside 1..{MAX_HASHMAP_CHUNK_BLOCKS}")
-        hmap, volume_size = self._compute_map(volume, block_size, covered_size)
-        total = block_count(covered_size, block_size)
-        if total == 0:
-            yield (0, b"", volume_size, 0)
-        for first in range(0, total, chunk_blocks):
-            yield (first, hmap.digests[first : first + chunk_blocks].tobytes(), volume_size, total)
-
-    def _compute_map(self, volume: str, block_size: int, covered_size: int) -> tuple[HashMap, int]:
-        # Reuse the writable handle if a session has it open: it sees its own writes.
-        disk = self._disks.get(volume)
-        own = disk is None
-        if disk is None:
-            disk = open_disk(self.registry.path(volume))
-        try:
-            if not 0 <= covered_size <= disk.virtual_size:
+        with self._map_disk(volume) as disk:
+            volume_size = disk.virtual_size
+            if not 0 <= covered_size <= volume_size:
                 raise DiskSizeMismatchError(
-                    f"volume {volume!r} has {disk.virtual_size} bytes; "
+                    f"volume {volume!r} has {volume_size} bytes; "
                     f"cannot hash {covered_size} bytes of it",
                     hint="create a volume at least as large as the source disk",
                 )
-            return HashMap.compute(disk, block_size, covered_size=covered_size), disk.virtual_size
-        finally:
-            if own:
-                disk.close()
+        total = block_count(covered_size, block_size)
+        if total == 0:
+            yield (0, b"", volume_size, 0)
+        window = max(chunk_blocks, self.map_window_blocks // chunk_blocks * chunk_blocks)
+        for start in range(0, total, window):
+            digests = self._map_window(volume, block_size, covered_size, start, window)
+            for first in range(0, len(digests), chunk_blocks):
+                piece = digests[first : first + chunk_blocks].tobytes()
+                yield (start + first, piece, volume_size, total)
+
+    def _map_window(
+        self, volume: str, block_size: int, covered_size: int, first: int, count: int
+    ) -> np.ndarray:
+        """Digests of blocks ``[first, first + count)`` of the volume (fewer at its end)."""
+        start = first * block_size
+        length = min(count * block_size, covered_size - start)
+        with self._map_disk(volume) as disk:
+            part = DiskWindow(disk, start, length, ExtentCursor(disk))
+            return HashMap.compute(part, block_size).digests
+
+    @contextlib.contextmanager
+    def _map_disk(self, volume: str) -> Iterator[Disk]:
+        # Reuse the writable handle if a session has it open: it sees its own writes.
+        disk = self._disks.get(volume)
+        if disk is not None:
+            yield disk
+            return
+        with open_disk(self.registry.path(volume)) as own:
+            yield own
 
     # -- handing a volume over --------------------------------------------------------
 

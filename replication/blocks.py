@@ -17,6 +17,8 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "MAX_BLOCK_SIZE",
     "MIN_BLOCK_SIZE",
+    "bitmap_count",
+    "bitmap_runs",
     "block_count",
     "block_runs",
     "check_block_size",
@@ -75,3 +77,39 @@ def block_runs(indexes: np.ndarray, max_blocks: int) -> Iterator[tuple[int, int]
             yield first, n
             first += n
             count -= n
+
+
+#: bytes of a packed bitmap expanded at once by :func:`bitmap_runs` (1 Mi blocks)
+_BITMAP_PIECE = 1 << 17
+
+
+def bitmap_count(bitmap: np.ndarray) -> int:
+    """Return how many bits of a packed bitmap are set."""
+    return int(np.bitwise_count(bitmap).sum(dtype=np.int64))
+
+
+def bitmap_runs(bitmap: np.ndarray, max_blocks: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(first, count)`` runs of the set bits of a packed bitmap, each <= max_blocks.
+
+    Block i is bit ``i & 7`` of byte ``i >> 3`` (``bitorder="little"``). The same runs
+    as :func:`block_runs` of the set bits' indexes, but the bitmap is expanded a piece
+    at a time: memory stays a few MiB however many bits are set.
+    """
+    first, count = 0, 0  # the run being built (it may continue into the next piece)
+    for lo in range(0, len(bitmap), _BITMAP_PIECE):
+        piece = bitmap[lo : lo + _BITMAP_PIECE]
+        if not piece.any():
+            continue
+        idx = np.flatnonzero(np.unpackbits(piece, bitorder="little")) + lo * 8
+        for start, n in block_runs(idx, len(idx)):
+            if count and start == first + count:
+                count += n
+                continue
+            yield from _split(first, count, max_blocks)
+            first, count = start, n
+    yield from _split(first, count, max_blocks)
+
+
+def _split(first: int, count: int, max_blocks: int) -> Iterator[tuple[int, int]]:
+    for start in range(first, first + count, max_blocks):
+        yield start, min(max_blocks, first + count - start)

@@ -732,3 +732,34 @@ class BenchStageFailedError(ReplicationError):
 
 
 __all__ += ["BenchStageFailedError"]
+
+
+# --- the process server's relay to the master target -----------------------------------
+
+
+class RelayTargetError(PairFailedError):
+    """The process server could not reach or talk to its master target for this call (retried)."""
+
+    code = "relay.target_unreachable"
+    retryable = True
+
+
+__all__ += ["RelayTargetError"]
+
+
+# --- the orchestrator's pair state table ----------------------------------------------
+
+
+class PairStateError(WrongStateError):
+    """A pair state change that the pair state table does not allow was refused."""
+
+    code = "orchestrator.pair_state"
+
+
+class FailoverInterruptedError(WrongStateError):
+    """A failover stopped half way (some volumes already released): run failover again."""
+
+    code = "orchestrator.failover_interrupted"
+
+
+__all__ += ["FailoverInterruptedError", "PairStateError"]

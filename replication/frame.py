@@ -39,7 +39,9 @@ thread.
 from __future__ import annotations
 
 import struct
+import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -120,6 +122,17 @@ assert HEADER_SIZE == 64
 
 def _digest(data: bytes | bytearray | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data)
+
+
+def _compress(
+    cctx: zstandard.ZstdCompressor, data: bytes | bytearray | memoryview
+) -> tuple[bytes, bytes | bytearray | memoryview, int]:
+    """``(digest, body, flags)`` of a frame's plaintext: zstd only when it is smaller."""
+    digest = _digest(data)
+    compressed = cctx.compress(data)
+    if len(compressed) < _nbytes(data):
+        return digest, compressed, FLAG_COMPRESSED
+    return digest, data, 0
 
 
 def _nonce(seq: int) -> bytes:
@@ -372,6 +385,7 @@ class FrameEncoder:
             raise UsageError(f"bad zstd level {level}: {err}") from err
         self.level = level
         self._last_seq = -1
+        self._local = threading.local()  # encode_batch: a compressor per pool thread
 
     @property
     def session_salt(self) -> bytes:
@@ -397,6 +411,42 @@ class FrameEncoder:
         header, digest, body = self._prepare(seq, offset, data)
         header_bytes = header.pack()
         return header_bytes + self._aead.encrypt(_nonce(seq), digest + body, header_bytes)
+
+    def encode_batch(
+        self,
+        items: list[tuple[int, int, bytes | bytearray | memoryview]],
+        run: Callable[..., Iterable[tuple[bytes, bytes | bytearray | memoryview, int]]],
+    ) -> list[bytes]:
+        """Encode ``(seq, offset, data)`` frames, compressing them concurrently.
+
+        The same frames as :meth:`encode` one by one, in order: every seq is
+        checked and consumed first (on an error nothing is returned, and the seqs
+        checked before it are never used again), then ``run(fn, items)`` (a
+        thread pool's ``map``) hashes and compresses them, each thread with its
+        own compressor (zstd and XXH3 release the GIL), then they are encrypted
+        in order on this thread.
+        """
+        for seq, offset, data in items:
+            self._check(seq, offset, data)
+        bodies = list(run(self._compress_on_thread, [data for _, _, data in items]))
+        frames = []
+        for (seq, offset, data), (digest, body, flags) in zip(items, bodies, strict=True):
+            header = self._header(seq, offset, _nbytes(data), body, flags)
+            header_bytes = header.pack()
+            frames.append(
+                header_bytes + self._aead.encrypt(_nonce(seq), digest + body, header_bytes)
+            )
+        return frames
+
+    def _compress_on_thread(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[bytes, bytes | bytearray | memoryview, int]:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:  # one compressor per thread: a ZstdCompressor is not shared
+            cctx = self._local.cctx = zstandard.ZstdCompressor(
+                level=self.level, write_checksum=False
+            )
+        return _compress(cctx, data)
 
     def encode_marker(self, seq: int, record: bytes) -> bytes:
         """Return a marker frame carrying ``record`` (an epoch boundary, a tag)."""
@@ -428,6 +478,13 @@ class FrameEncoder:
     def _prepare(
         self, seq: int, offset: int, data: bytes | bytearray | memoryview, *, marker: bool = False
     ) -> tuple[FrameHeader, bytes, bytes | bytearray | memoryview]:
+        self._check(seq, offset, data)
+        digest, body, flags = _compress(self._cctx, data)
+        header = self._header(seq, offset, _nbytes(data), body, flags, marker=marker)
+        return header, digest, body
+
+    def _check(self, seq: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Validate a frame's arguments and consume its seq (before any encryption)."""
         if isinstance(data, memoryview) and not data.c_contiguous:
             raise UsageError("frame data must be a contiguous buffer")
         length = _nbytes(data)
@@ -443,15 +500,18 @@ class FrameEncoder:
             )
         # Consume the seq before anything is encrypted: no two frames share a nonce.
         self._last_seq = seq
-        digest = _digest(data)
-        compressed = self._cctx.compress(data)
-        if len(compressed) < length:
-            body: bytes | bytearray | memoryview = compressed
-            flags = FLAG_COMPRESSED
-        else:
-            body = data
-            flags = 0
-        header = FrameHeader(
+
+    def _header(
+        self,
+        seq: int,
+        offset: int,
+        length: int,
+        body: bytes | bytearray | memoryview,
+        flags: int,
+        *,
+        marker: bool = False,
+    ) -> FrameHeader:
+        return FrameHeader(
             disk_id=self._disk_id,
             salt=self._salt,
             seq=seq,
@@ -460,7 +520,6 @@ class FrameEncoder:
             payload_length=_nbytes(body) + PAYLOAD_OVERHEAD,
             flags=flags | (FLAG_MARKER if marker else 0) | self._order_flag,
         )
-        return header, digest, body
 
     def _seal(self, header: FrameHeader, digest: bytes, body: bytes) -> bytes:
         """Internal: encrypt ``digest || body`` under ``header`` (no checks at all).

@@ -112,6 +112,8 @@ DEFAULT_SEGMENT_BYTES: Final = 64 << 20
 DEFAULT_RETENTION_SECONDS: Final = 24 * 3600.0
 #: undo data per record: the writer splits larger ranges; the reader accepts up to MAX
 UNDO_CHUNK: Final = 4 << 20
+#: zero-range frames cached per journal (one per length met; lengths are few)
+_ZERO_FRAMES_KEPT: Final = 16
 MAX_UNDO_LENGTH: Final = 64 << 20
 MAX_NAME: Final = 255
 LOCK_FILE: Final = "journal.lock"
@@ -304,14 +306,38 @@ def _undo_fields(head: _Head, body: memoryview) -> tuple[int, int, int]:
 
 
 def encode_undo_body(
-    offset: int, old: bytes | memoryview, compressor: zstandard.ZstdCompressor
+    offset: int,
+    old: bytes | memoryview,
+    compressor: zstandard.ZstdCompressor,
+    zeros: dict[int, bytes] | None = None,
 ) -> tuple[int, bytes]:
-    """Return ``(flags, body)`` of an undo record; zstd only if it is strictly smaller."""
-    raw = bytes(old)
-    packed = compressor.compress(raw)
-    if len(packed) < len(raw):
-        return FLAG_ZSTD, _UNDO.pack(offset, len(raw), len(packed)) + packed
-    return 0, _UNDO.pack(offset, len(raw), len(raw)) + raw
+    """Return ``(flags, body)`` of an undo record; zstd only if it is strictly smaller.
+
+    ``zeros`` caches the frame of an all-zero range per length (the same
+    compressor gives the same bytes): the undo of a hole, the common case when a
+    volume is filled for the first time, then costs a zero check, not a copy and
+    a compression of its zeros.
+    """
+    view = memoryview(old).cast("B")
+    if zeros is not None and _is_zero(view):
+        packed = zeros.get(len(view))
+        if packed is None:
+            if len(zeros) >= _ZERO_FRAMES_KEPT:
+                zeros.clear()
+            packed = zeros[len(view)] = compressor.compress(bytes(len(view)))
+    else:
+        packed = compressor.compress(view)  # reads the buffer: no copy of it first
+    if len(packed) < len(view):
+        return FLAG_ZSTD, _UNDO.pack(offset, len(view), len(packed)) + packed
+    return 0, _UNDO.pack(offset, len(view), len(view)) + bytes(view)
+
+
+def _is_zero(view: memoryview) -> bool:
+    """Whether every byte is zero; data that is not usually shows it at either end."""
+    if not view or view[0] or view[-1]:
+        return not view
+    wide = len(view) % 8 == 0  # 8-byte words are faster to test
+    return not np.frombuffer(view, dtype=np.uint64 if wide else np.uint8).any()
 
 
 def decode_undo(head: _Head, body: memoryview) -> UndoRecord:
@@ -449,6 +475,7 @@ class Journal:
         self._lock_fd: int | None = None
         self._covered = _RangeSet()
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+        self._zero_frames: dict[int, bytes] = {}  # see encode_undo_body
         self._recovery = RecoveryReport()
         self._pending_rollback: int | None = None
 
@@ -565,7 +592,7 @@ class Journal:
             raise UsageError(f"undo range at offset {offset} is outside 0..2^64")
         for start in range(0, len(view), UNDO_CHUNK):
             flags, body = encode_undo_body(
-                offset + start, view[start : start + UNDO_CHUNK], self._zstd
+                offset + start, view[start : start + UNDO_CHUNK], self._zstd, self._zero_frames
             )
             self._append(TYPE_UNDO, flags, body)
         crash_point("journal.appended")

@@ -12,6 +12,10 @@ Entries live in ``$REPLICATION_CACHE_DIR`` (default ``~/.cache/replication``),
 write-then-rename. A local disk's key is its real path; a page blob's is its URL
 (account included, no SAS): the same blob named by a URL or by ``pageblob:C/B``
 shares one entry, and neither depends on the working directory.
+
+An entry is the map file format of :mod:`replication.hashmap`; it is read
+(:meth:`MapCache.open_trusted`) and written (:meth:`MapCache.writer`) a window at a
+time, so a cached map of a 2 TiB disk (512 MiB at 64 KiB blocks) is never in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 from .disks.base import Disk
 from .disks.pageblob import PageBlobDisk, is_pageblob_spec
 from .errors import HashMapFormatError
-from .hashmap import HashMap
+from .hashmap import HashMap, MapFileReader, MapFileWriter
 
 __all__ = ["MapCache", "default_cache_dir", "disk_key"]
 
@@ -58,8 +62,12 @@ class MapCache:
         name = hashlib.sha256(key.encode()).hexdigest()[:32]
         return self.directory / "maps" / f"{name}.rmap"
 
-    def load_trusted(self, disk: Disk, block_size: int, covered_size: int) -> HashMap | None:
-        """Return the cached map if the disk has not changed since it was stored."""
+    def open_trusted(self, disk: Disk, block_size: int, covered_size: int) -> MapFileReader | None:
+        """Open the cached map if the disk has not changed since it was stored.
+
+        The caller reads it a window at a time and closes it. A damaged entry is
+        removed and reported as a miss.
+        """
         current = disk.generation()
         if current is None:
             return None
@@ -67,15 +75,15 @@ class MapCache:
         if not path.exists():
             return None
         try:
-            hmap = HashMap.load(str(path))
+            reader = MapFileReader(path)
         except HashMapFormatError:
             self._remove(path)  # a damaged entry is only a cache miss
             return None
-        if hmap.generation != current or hmap.block_size != block_size:
+        geometry = (reader.block_size, reader.covered_size)
+        if reader.generation != current or geometry != (block_size, covered_size):
+            reader.close()
             return None
-        if hmap.covered_size != covered_size:
-            return None
-        return hmap
+        return reader
 
     def invalidate(self, disk: Disk, block_size: int, covered_size: int) -> None:
         """Drop the entry before writing the disk, so a crash cannot leave it trusted."""
@@ -83,12 +91,24 @@ class MapCache:
 
     def store(self, disk: Disk, hmap: HashMap, generation: str | None) -> None:
         """Record ``hmap`` as the content of ``disk`` at ``generation``."""
+        writer = self.writer(disk, hmap.block_size, hmap.covered_size, generation)
+        if writer is not None:
+            with writer:
+                writer.append(hmap.digests)
+                writer.commit()
+
+    def writer(
+        self, disk: Disk, block_size: int, covered_size: int, generation: str | None
+    ) -> MapFileWriter | None:
+        """Return a writer of ``disk``'s entry at ``generation`` (None: nothing to store).
+
+        The entry replaces the old one only on the writer's ``commit``.
+        """
         if generation is None:
-            return
-        path = self._entry(disk, hmap.block_size, hmap.covered_size)
+            return None
+        path = self._entry(disk, block_size, covered_size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        hmap.generation = generation
-        hmap.save(str(path))
+        return MapFileWriter(path, block_size, covered_size, generation)
 
     @staticmethod
     def _remove(path: Path) -> None:

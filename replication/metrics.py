@@ -45,6 +45,12 @@ PARKED_SESSIONS = Gauge(
     "Sessions the process server stopped forwarding after a permanent refusal",
 )
 __all__ += ["PARKED_SESSIONS"]
+STALE_SESSIONS_DROPPED = Counter(
+    "replication_stale_sessions_dropped",
+    "Sessions the process server dropped from its spool because the master target refused "
+    "them as stale: a newer session of the volume covers their blocks (design F6)",
+)
+__all__ += ["STALE_SESSIONS_DROPPED"]
 
 # --- detection of relay faults (design F4) ----------------------------------------------
 

@@ -21,14 +21,17 @@ frame is dropped for it.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from .acks import AckAuthenticator
-from .blocks import block_runs
+from .blocks import bitmap_count, bitmap_runs, block_runs
 from .disks import Disk
 from .errors import ForgedAckError
 from .frame import FrameEncoder
@@ -40,6 +43,45 @@ __all__ = ["SourceSession", "SourceStats"]
 
 #: plaintext bytes per frame (a run of adjacent differing blocks)
 RUN_BYTES = 1 << 20
+#: threads that compress frames (zstd is ~86 % of a source's CPU, perf-limits.md;
+#: it releases the GIL, so two threads seal about twice as fast on two cores)
+SEAL_WORKERS = 2
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _seal_pool(helpers: int) -> ThreadPoolExecutor:
+    """One small pool per size for the whole process (sessions come and go per epoch)."""
+    with _pool_lock:
+        pool = _pools.get(helpers)
+        if pool is None:
+            pool = _pools[helpers] = ThreadPoolExecutor(helpers, thread_name_prefix="seal")
+        return pool
+
+
+def _sealing_map(workers: int) -> Callable[[Callable[[T], R], list[T]], list[R]]:
+    """A ``map`` that runs the first item on the calling thread, the others on helpers.
+
+    The caller would only wait otherwise: one hand-off fewer per group. The helpers
+    are shared by every session of the process (a fan-in generator runs a hundred):
+    an item no helper has started by then is run by the caller, so a busy pool
+    never makes a session slower than sealing alone.
+    """
+
+    def run(fn: Callable[[T], R], items: list[T]) -> list[R]:
+        pool = _seal_pool(workers - 1)
+        rest = [pool.submit(fn, item) for item in items[1:]]
+        out = [fn(items[0])]
+        for item, future in zip(items[1:], rest, strict=True):
+            # not started yet (the helpers serve other sessions too): do it here
+            out.append(fn(item) if future.cancel() else future.result())
+        return out
+
+    return run
 
 
 @dataclass
@@ -72,8 +114,10 @@ class SourceSession:
         window_bytes: int = 64 << 20,
         order: int | None = None,
         authenticate_acks: bool = False,
+        seal_workers: int = SEAL_WORKERS,
     ) -> None:
         self.disk = disk
+        self._seal_workers = max(1, seal_workers)
         self.volume = volume
         self.block_size = block_size
         self._encoder = FrameEncoder(secret, volume_disk_id(volume), level=zstd_level, order=order)
@@ -84,6 +128,7 @@ class SourceSession:
         self._unacked: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
         self._unacked_bytes = 0
         self._runs: Iterator[tuple[int, int]] = iter(())
+        self._held: tuple[int, int] | None = None  # a run taken from _runs, not sealed yet
         self._seq = 0
         self._sealed_all = False
         self._marker: bytes | None = None  # sealed after the last block frame
@@ -112,8 +157,20 @@ class SourceSession:
         self.stats.blocks_total = blocks_total
         self.stats.blocks_to_send = len(indexes)
         self._runs = block_runs(indexes, max(1, RUN_BYTES // self.block_size))
+        self._held = None
         # nothing to send: complete at once (a stream would wait for an ack of seq 0)
         self._sealed_all = len(indexes) == 0 and self._marker is None
+
+    def plan_bitmap(self, bitmap: np.ndarray, blocks_total: int) -> None:
+        """Set the blocks to send as a packed bitmap (block i = bit i & 7 of byte i >> 3).
+
+        The bitmap is kept (1 bit per block) and expanded into runs a piece at a time
+        while frames are sealed: no index array as large as the plan is ever built.
+        """
+        self.plan_blocks(np.empty(0, dtype=np.int64), blocks_total)
+        self.stats.blocks_to_send = bitmap_count(bitmap)
+        self._runs = bitmap_runs(bitmap, max(1, RUN_BYTES // self.block_size))
+        self._sealed_all = self.stats.blocks_to_send == 0 and self._marker is None
 
     def set_marker(self, record: bytes) -> None:
         """Close the plan with a marker frame (an epoch boundary); call before planning."""
@@ -123,6 +180,7 @@ class SourceSession:
     def stop_sealing(self) -> None:
         """Seal nothing more: the session completes once the sealed frames are PERSISTED."""
         self._runs = iter(())
+        self._held = None
         self._marker = None  # an epoch cut short has no boundary to mark
         self._sealed_all = True
 
@@ -135,30 +193,60 @@ class SourceSession:
         return self._sealed_all
 
     def next_frames(self, limit: int = 16) -> list[tuple[int, bytes]]:
-        """Seal up to ``limit`` more frames (fewer when the window fills or plan ends)."""
-        out = []
+        """Seal up to ``limit`` more frames (fewer when the window fills or plan ends).
+
+        Frames are sealed a few at a time (up to one per seal worker): read here,
+        in order, then compressed on the workers. A group takes another run only
+        while the window would stay open even if every frame so far were as large
+        as its plaintext, so the window is still passed by at most one frame.
+        """
+        out: list[tuple[int, bytes]] = []
         while len(out) < limit and not self.window_full():
-            run = next(self._runs, None)
-            if run is None:
+            runs = self._take_runs(min(self._seal_workers, limit - len(out)))
+            if not runs:  # the plan ended
                 if self._marker is not None:
                     out.append(self._seal_marker())
                 self._sealed_all = True
                 break
-            out.append(self._seal(*run))
+            out.extend(self._seal(runs))
         return out
 
-    def _seal(self, first: int, count: int) -> tuple[int, bytes]:
-        offset = first * self.block_size
-        length = min(count * self.block_size, self.disk.virtual_size - offset)
-        data = self.disk.read(offset, length)
-        self._seq += 1
-        frame = self._encoder.encode(self._seq, offset, data)
-        self._unacked[self._seq] = (frame, count)
-        self._unacked_bytes += len(frame)
-        self.stats.frames_sent += 1
-        self.stats.bytes_plain += length
-        self.stats.bytes_framed += len(frame)
-        return self._seq, frame
+    def _take_runs(self, most: int) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        planned = self._unacked_bytes
+        while len(runs) < most:
+            run = self._held if self._held is not None else next(self._runs, None)
+            self._held = None
+            if run is None:
+                break
+            if runs and planned >= self._window:
+                self._held = run  # the next group's first run
+                break
+            runs.append(run)
+            planned += run[1] * self.block_size
+        return runs
+
+    def _seal(self, runs: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+        reads = []  # every read first: a failed one consumes no seq (no gap)
+        for first, count in runs:
+            offset = first * self.block_size
+            length = min(count * self.block_size, self.disk.virtual_size - offset)
+            reads.append((offset, self.disk.read(offset, length)))
+        items = [(self._seq + 1 + i, offset, data) for i, (offset, data) in enumerate(reads)]
+        self._seq = items[-1][0]
+        if len(items) == 1:
+            frames = [self._encoder.encode(*items[0])]
+        else:
+            frames = self._encoder.encode_batch(items, _sealing_map(self._seal_workers))
+        out = []
+        for (seq, _offset, data), frame, (_first, count) in zip(items, frames, runs, strict=True):
+            self._unacked[seq] = (frame, count)
+            self._unacked_bytes += len(frame)
+            self.stats.frames_sent += 1
+            self.stats.bytes_plain += len(data)
+            self.stats.bytes_framed += len(frame)
+            out.append((seq, frame))
+        return out
 
     def _seal_marker(self) -> tuple[int, bytes]:
         record, self._marker = self._marker, None

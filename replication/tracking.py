@@ -63,7 +63,7 @@ from typing import Final, NoReturn
 import numpy as np
 import xxhash
 
-from .blocks import DEFAULT_BLOCK_SIZE, block_count, block_runs, check_block_size
+from .blocks import DEFAULT_BLOCK_SIZE, bitmap_runs, block_count, check_block_size
 from .disks import open_disk
 from .disks.base import Disk, DiskInfo, Extent
 from .durable import fsync_dir, lock_exclusive, write_atomically
@@ -902,8 +902,11 @@ class Epoch:
         return dirty_blocks(self._bitmap)
 
     def runs(self, max_blocks: int) -> Iterator[tuple[int, int]]:
-        """Yield ``(first block, count)`` runs of taken blocks, each at most ``max_blocks``."""
-        return block_runs(self.blocks(), max_blocks)
+        """Yield ``(first block, count)`` runs of taken blocks, each at most ``max_blocks``.
+
+        Read from the bitmap a piece at a time: no index array of the whole set.
+        """
+        return bitmap_runs(self._bitmap, max_blocks)
 
     def count(self) -> int:
         """Return how many blocks were taken."""

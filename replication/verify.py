@@ -5,9 +5,9 @@ Theory of operation
 *Two disks* (:func:`verify_disks`): both are cut into *windows* of
 :data:`WINDOW_BYTES` (whole blocks) and each window of both disks is hashed at once
 with :func:`~replication.hashmap.compute_maps` (zero extents are not read). A window
-is a view of the disk (:class:`_Window`), so the maps cost 16 bytes per block of one
-window, not of the disk: a hostile descriptor claiming petabytes of zeros, or a
-64 TiB pair, never makes a map of the whole disk.
+is a view of the disk (:class:`~replication.hashmap.DiskWindow`), so the maps cost
+16 bytes per block of one window, not of the disk: a hostile descriptor claiming
+petabytes of zeros, or a 64 TiB pair, never makes a map of the whole disk.
 
 Blocks whose digests differ are *re-checked* before they are reported: after at
 least ``recheck_delay`` seconds (the next window is hashed meanwhile), both disks'
@@ -55,9 +55,9 @@ import numpy as np
 import xxhash
 
 from .blocks import DEFAULT_BLOCK_SIZE, block_runs, check_block_size
-from .disks import Disk, DiskInfo, Extent, open_disk
+from .disks import Disk, open_disk
 from .errors import ManifestError, ManifestNotFoundError, UsageError
-from .hashmap import compute_maps
+from .hashmap import DiskWindow, ExtentCursor, compute_maps
 from .manifest import OBJECTS_DIR, ManifestStore
 
 __all__ = [
@@ -142,55 +142,6 @@ class VerifyReport:
         d["equal"] = self.equal
         d["ranges_truncated"] = self.ranges_truncated
         return d
-
-
-# --- windows: a part of a disk hashed as a disk of its own ---------------------------
-
-
-class _ExtentCursor:
-    """One pass over a disk's extents, handed out window by window (in order)."""
-
-    def __init__(self, disk: Disk) -> None:
-        self._it = disk.extents()
-        self._current: Extent | None = None
-
-    def take(self, start: int, end: int) -> list[Extent]:
-        """Return the extents of ``[start, end)``, relative to ``start``."""
-        out = []
-        while True:
-            ext = self._current if self._current is not None else next(self._it, None)
-            self._current = None
-            if ext is None:
-                return out
-            if ext.end <= start:
-                continue
-            if ext.offset >= end:
-                self._current = ext
-                return out
-            lo, hi = max(ext.offset, start), min(ext.end, end)
-            out.append(Extent(lo - start, hi - lo, ext.zero))
-            if ext.end > end:
-                self._current = ext
-                return out
-
-
-class _Window(Disk):
-    """Bytes ``[start, start + length)`` of another disk, read-only."""
-
-    format_name = "window"
-
-    def __init__(self, base: Disk, start: int, length: int, cursor: _ExtentCursor) -> None:
-        super().__init__(base.path, length, writable=False)
-        self._base, self._start, self._cursor = base, start, cursor
-
-    def _read_into(self, offset: int, view: memoryview) -> None:
-        self._base.read_into(self._start + offset, view)
-
-    def _extents(self) -> Iterator[Extent]:
-        return iter(self._cursor.take(self._start, self._start + self.virtual_size))
-
-    def info(self) -> DiskInfo:
-        return self._base.info()
 
 
 # --- findings -----------------------------------------------------------------------
@@ -332,12 +283,12 @@ def _compare_windows(
     delay before a re-check is mostly spent doing useful work.
     """
     bs = options.block_size
-    cursors = (_ExtentCursor(source), _ExtentCursor(target))
+    cursors = (ExtentCursor(source), ExtentCursor(target))
     first_pass, pending = 0, None
     for start in range(0, size, options.window_bytes):
         length = min(options.window_bytes, size - start)
         windows = [
-            (_Window(d, start, length, c), None)
+            (DiskWindow(d, start, length, c), None)
             for d, c in zip((source, target), cursors, strict=True)
         ]
         maps = compute_maps(windows, bs, workers=options.workers)

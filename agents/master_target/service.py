@@ -68,13 +68,18 @@ class MasterTargetService(data_pb2_grpc.MasterTargetServicer):
     def GetHashMap(self, request, context):
         tls.require_role(context, "process-server")
         volume, block_size, covered = wire.hashmap_request_from_pb(request)
-        try:
-            with self._lock:
-                chunks = list(self._applier.hash_map_chunks(volume, block_size, covered))
-        except ReplicationError as err:
-            abort_with(context, err)
-        for first, digests, size, count in chunks:
-            yield wire.hashmap_to_pb(wire.HashMapPiece(first, digests, size, count))
+        chunks = self._applier.hash_map_chunks(volume, block_size, covered)
+        while True:
+            # one chunk at a time under the lock (a window is hashed when its first
+            # chunk is asked for); never held while a chunk waits on the network
+            try:
+                with self._lock:
+                    chunk = next(chunks, None)
+            except ReplicationError as err:
+                abort_with(context, err)
+            if chunk is None:
+                return
+            yield wire.hashmap_to_pb(wire.HashMapPiece(*chunk))
 
     def GetSessionState(self, request, context):
         tls.require_role(context, "process-server")

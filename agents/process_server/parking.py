@@ -8,16 +8,24 @@ process server), and its spooled frames stay where they are: nothing is dropped.
 Failures that may pass (the master target unreachable, its disk full) are only
 *retrying*: reported until the session makes progress again.
 
+A session refused as ``session.stale`` is *dropped* instead (design F6): its frames
+can never be applied and a newer session covers their blocks, so it is no problem
+to report; it is remembered only to refuse its source again.
+
 Thread-safe: forwarder threads write, the control service and ingest threads read.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 from replication.errors import ReplicationError
 
 SessionKey = tuple[str, bytes]
+
+#: dropped sessions remembered (to refuse their sources again); the oldest go first
+DROPPED_REMEMBERED = 4096
 
 __all__ = ["ParkingLot"]
 
@@ -28,6 +36,7 @@ class ParkingLot:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._parked: dict[SessionKey, ReplicationError] = {}
+        self._dropped: OrderedDict[SessionKey, ReplicationError] = OrderedDict()
         self._retrying: dict[SessionKey, tuple[int, str]] = {}
         self._spool: str | None = None
 
@@ -38,16 +47,25 @@ class ParkingLot:
             self._retrying.pop(key, None)
             return len(self._parked)
 
-    def refusal(self, key: SessionKey) -> ReplicationError | None:
-        """Return a fresh copy of the error that parked ``key``, or None."""
+    def drop(self, key: SessionKey, err: ReplicationError) -> None:
+        """Forget ``key`` as a problem (parked or retrying); keep refusing it with ``err``."""
         with self._lock:
-            err = self._parked.get(key)
+            self._parked.pop(key, None)
+            self._retrying.pop(key, None)
+            self._dropped[key] = err
+            while len(self._dropped) > DROPPED_REMEMBERED:
+                self._dropped.popitem(last=False)
+
+    def refusal(self, key: SessionKey) -> ReplicationError | None:
+        """Return a fresh copy of the error that parked or dropped ``key``, or None."""
+        with self._lock:
+            err = self._parked.get(key) or self._dropped.get(key)
         return None if err is None else type(err)(err.message, hint=err.hint)
 
     def retrying(self, key: SessionKey, attempt: int, reason: str) -> None:
         """Record that forwarding ``key`` failed (retryably) ``attempt`` times in a row."""
         with self._lock:
-            if key not in self._parked:
+            if key not in self._parked and key not in self._dropped:
                 self._retrying[key] = (attempt, reason)
 
     def recovered(self, key: SessionKey) -> None:

@@ -61,6 +61,7 @@ from replication.errors import (
     SpoolDiskFullError,
     SpoolError,
     SpoolFullError,
+    StaleSessionError,
 )
 from replication.frame import peek_header
 from replication.protocol import AckLevel
@@ -475,6 +476,8 @@ class Relay:
                 self._stopping.wait(min(2.0, 0.1 * attempt))  # ended early: not too eagerly
                 continue
             refusal = _refusal(failure, key)
+            if isinstance(refusal, StaleSessionError) and self._drop_stale(key, refusal):
+                return
             if refusal is not None:
                 self._park(key, refusal)
                 return
@@ -506,6 +509,68 @@ class Relay:
             self._lock.notify_all()  # an ingest waiting for spool space gives up
         if sub is not None:
             sub.put(self.parking.refusal(key))  # its Replicate call ends with this error
+
+    def _drop_stale(self, key: SessionKey, refusal: StaleSessionError) -> bool:
+        """Drop a session the master target refused as stale; False: it could not be.
+
+        Its frames can never be applied (the order of a volume's sessions only grows)
+        and are no one's only copy: a source keeps a block dirty until a PERSISTED ack
+        with the master target's MAC covers it (W7, T3), and none ever will for these,
+        so the newer session, or one after it, sends those blocks (design F6). Parked,
+        they would hold spool space and a problem line for ever.
+        """
+        refusal = StaleSessionError(
+            refusal.message, hint="a newer session of this volume covers its blocks: dropped"
+        )
+        self.parking.drop(key, refusal)  # from here on no ingest appends to it
+        with self._lock:
+            try:
+                frames = self._release_locked(key)
+            except ReplicationError as err:  # the spool's device: park, and say so
+                log.warning("event=stale_drop_failed volume=%s error=%s", key[0], err.message)
+                return False
+            sub = self._forget_locked(key)
+        try:
+            self._book.save()
+        except ReplicationError as err:  # memory is right; the next save writes it
+            log.warning("event=sessions_not_saved error=%s", err.message)
+        metrics.STALE_SESSIONS_DROPPED.inc()
+        metrics.FORWARD_RETRYING.set(self.parking.retrying_count())
+        log.warning(
+            "event=stale_session_dropped volume=%s session=%s frames=%d reason=%s",
+            key[0],
+            key[1].hex(),
+            frames,
+            refusal.message,
+        )
+        if sub is not None:
+            sub.put(self.parking.refusal(key))  # its Replicate call ends with session.stale
+        return True
+
+    def _release_locked(self, key: SessionKey) -> int:
+        """Free the spool of every frame of ``key`` (lock held); return how many."""
+        self._spool.sync()  # what an ingest appended before the drop is counted too
+        received = self._spool.state(*key)[0]
+        frames = received - self._state_locked(key)[1]
+        # the cursor is the spool's only way to release frames: "done with" here; the
+        # source never acts on the relay's own persisted seq, only on the MAC'd one (W7)
+        self._spool.mark_persisted(key[0], key[1], received)
+        metrics.SPOOL_BYTES.set(self._spool.used_bytes)
+        return frames
+
+    def _forget_locked(self, key: SessionKey) -> queue.Queue[object] | None:
+        """Forget ``key`` in memory and in the book (saved by the caller); lock held.
+
+        Return its source's subscription, if one is connected.
+        """
+        self._forget_recent(key)
+        self._book.forget(key)
+        self._forwarders.pop(key, None)  # the calling forwarder, about to end
+        self._ready.pop(key, None)
+        for table in (self._acked, self._ack_macs, self._unmarked):
+            table.pop(key, None)
+        self._lock.notify_all()  # an ingest waiting for spool space gives up
+        return self._subscribers.get(key)
 
     def _finished(self, key: SessionKey) -> bool:
         with self._lock:

@@ -17,9 +17,9 @@ import time
 import grpc
 
 from replication import tls, wire
-from replication.errors import RemoteProtocolError, ReplicationError
+from replication.errors import RelayTargetError, RemoteProtocolError, ReplicationError
 from replication.protocol import AckLevel, Hello
-from replication.server import abort_with, answer_handshake, error_code_of
+from replication.server import abort_with, answer_handshake, error_code_of, status_for
 from replication.streams import batches
 from replication.tls import ERROR_CODE_METADATA
 from replication.v1 import common_pb2, control_pb2, control_pb2_grpc, data_pb2_grpc
@@ -55,7 +55,7 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
         # which blocks are equal (and which are zero) to the relay, never their content.
         try:
             yield from self._target_stub().GetHashMap(request, timeout=600)
-        except grpc.RpcError as err:
+        except (grpc.RpcError, ReplicationError) as err:
             relay_failure(context, err)
 
     def GetSessionState(self, request, context):
@@ -135,19 +135,38 @@ class ProcessServerService(data_pb2_grpc.ProcessServerServicer):
             outbox.put(wire.AckMsg(key[0], key[1], received, AckLevel.RECEIVED))  # type: ignore[index]
 
 
-def relay_failure(context: grpc.ServicerContext, err: grpc.RpcError) -> None:
+#: statuses of a master target that could not be reached: worth the source's retry
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def relay_failure(context: grpc.ServicerContext, err: grpc.RpcError | ReplicationError) -> None:
     """End the source's call with the master target's status and error code (never returns).
 
     Without this gRPC ends a relayed server stream with UNKNOWN ("Exception iterating
     responses") and no code, and the source cannot tell ``volume.unknown`` from an
-    outage: it would retry a permanent refusal as if it were transient.
+    outage: it would retry a permanent refusal as if it were transient. Three cases:
+
+    * the master target refused with a code: its status and code, as they came;
+    * a typed error of our own channel to it (``tls.server_role``: the server at
+      that address is not a master target): its code and status, said to be ours;
+    * no code, and it could not be reached (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``:
+      down, or a TLS handshake between us and it refused): its status, with
+      ``relay.target_unreachable`` (retryable), so the source never takes a TLS
+      failure of this hop for a refusal of its own certificate (design F5); any
+      other status without a code (a master target's bug) goes as it came.
     """
+    if isinstance(err, ReplicationError):
+        log.warning("event=relay_failed code=%s error=%s", err.code, err.message)
+        context.set_trailing_metadata(((ERROR_CODE_METADATA, err.code),))
+        context.abort(status_for(err), f"[{err.code}] process server -> master target: {err}")
     code = error_code_of(err)
     status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = str(err.details() if hasattr(err, "details") else err)
     if code is None:
         details = f"master target: {getattr(status, 'name', status)}: {details}"
-    else:
+        if status in _UNREACHABLE:
+            code = RelayTargetError.code
+    if code is not None:
         context.set_trailing_metadata(((ERROR_CODE_METADATA, code),))
     log.warning("event=relay_failed status=%s code=%s", getattr(status, "name", status), code)
     context.abort(status, details)

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from replication import metrics
+from replication.errors import ReplicationError
 
 from .liveness import PROBE_INTERVAL, PROBE_TIMEOUT, PROGRESS_DEADLINE, ProgressWatch, TargetHealth
 
@@ -166,6 +167,8 @@ class TargetProbe:
         except grpc.RpcError as err:
             status = getattr(err.code(), "name", "UNKNOWN")  # type: ignore[attr-defined]
             return f"{status}: {err.details()}"  # type: ignore[attr-defined]
+        except ReplicationError as err:  # our channel's own check: not a master target
+            return f"[{err.code}] {err.message}"
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
         return None

@@ -32,9 +32,10 @@ import grpc
 import numpy as np
 
 from replication import metrics, wire
+from replication.blocks import block_count
 from replication.certs import Identity
 from replication.errors import ERRORS_BY_CODE, ForgedAckError, PairFailedError
-from replication.hashmap import HashMap, compute_maps
+from replication.hashmap import WINDOW_BLOCKS, map_windows
 from replication.ordering import SessionCounter
 from replication.protocol import REQUIRED_BY_SOURCE, Agreed, Feature, Hello, negotiate
 from replication.server import error_code_of, error_from_rpc
@@ -51,6 +52,8 @@ _STOP = object()
 CANCEL_GRACE = 30.0
 #: session order numbers of an agent run without a state directory (clock and memory)
 _VOLATILE_COUNTER = SessionCounter(None)
+#: one XXH3-128 digest, as the hash map's arrays hold it
+_DIGEST = np.dtype((np.void, 16))
 
 
 @dataclass
@@ -71,18 +74,63 @@ class PairOptions:
     on_retry: Callable[[str], None] | None = None
 
 
-def fetch_target_map(stub, volume: str, block_size: int, covered: int) -> HashMap:
-    """Stream the target volume's hash map through the process server."""
-    hmap = HashMap.empty(covered, block_size)
-    request = wire.hashmap_request_to_pb(volume, block_size, covered)
-    for piece in wire.hashmap_from_pb(stub.GetHashMap(request, timeout=600)):
-        n = len(piece.digests) // 16
-        if piece.first_block + n > len(hmap):
+class TargetMapStream:
+    """The target volume's hash map as it streams in, taken a window at a time.
+
+    The master target sends its map in order, in pieces of at most 65536 digests;
+    :meth:`take` returns the digests of the next ``count`` blocks, so no more than a
+    window (and one piece) is ever held. A piece out of order, or a map longer or
+    shorter than the source disk, fails the pair: a block left unknown must not be
+    taken for zeros.
+    """
+
+    def __init__(self, pieces: Iterator[wire.HashMapPiece], blocks: int) -> None:
+        self._pieces = pieces
+        self._blocks = blocks
+        self._next = 0  # the first block not yet taken
+        self._received = 0  # blocks received so far (taken or held)
+        self._held = np.empty(0, dtype=_DIGEST)
+
+    def take(self, first: int, count: int) -> np.ndarray:
+        """Return the digests of blocks ``[first, first + count)`` (the next ones)."""
+        assert first == self._next, "windows are taken in order"
+        out = np.empty(count, dtype=self._held.dtype)
+        filled = 0
+        while filled < count:
+            if not len(self._held):
+                self._held = self._piece()
+            n = min(count - filled, len(self._held))
+            out[filled : filled + n] = self._held[:n]
+            self._held = self._held[n:]
+            filled += n
+        self._next += count
+        return out
+
+    def _piece(self) -> np.ndarray:
+        piece = next(self._pieces, None)
+        if piece is None:
+            raise PairFailedError("target hash map is shorter than the source disk")
+        digests = np.frombuffer(piece.digests, dtype=self._held.dtype)
+        if piece.first_block != self._received:
+            raise PairFailedError(
+                f"target hash map: a piece at block {piece.first_block}, expected {self._received}"
+            )
+        self._received += len(digests)
+        if self._received > self._blocks:
             raise PairFailedError("target hash map is longer than the source disk")
-        hmap.digests[piece.first_block : piece.first_block + n] = np.frombuffer(
-            piece.digests, dtype=hmap.digests.dtype
-        )
-    return hmap
+        return digests
+
+    def finish(self) -> None:
+        """Check that the map held no more than the source disk's blocks."""
+        if len(self._held) or next(self._pieces, None) is not None:
+            raise PairFailedError("target hash map is longer than the source disk")
+
+
+def fetch_target_map(stub, volume: str, block_size: int, covered: int) -> TargetMapStream:
+    """Start streaming the target volume's hash map through the process server."""
+    request = wire.hashmap_request_to_pb(volume, block_size, covered)
+    pieces = wire.hashmap_from_pb(stub.GetHashMap(request, timeout=600))
+    return TargetMapStream(pieces, block_count(covered, block_size))
 
 
 class Replicator:
@@ -323,10 +371,7 @@ def _with_retries(step, options: PairOptions, what: str):
             return step()
         except grpc.RpcError as err:
             attempt += 1
-            refused = ERRORS_BY_CODE.get(error_code_of(err) or "")
-            if refused is not None and not refused.retryable:
-                raise
-            if _tls_refused(err) or _relayed_refusal(err):
+            if not _worth_retrying(err):
                 raise
             if time.monotonic() > deadline or cancel.is_set():
                 raise
@@ -339,9 +384,26 @@ def _with_retries(step, options: PairOptions, what: str):
             cancel.wait(min(2.0, 0.2 * attempt))
 
 
+def _worth_retrying(err: grpc.RpcError) -> bool:
+    """Whether a failed plan step may pass if tried again.
+
+    A failure with an error code is sorted by the registry alone: the process server
+    attaches one to whatever it relays (``relay.target_unreachable`` when its own hop
+    to the master target failed, even a TLS handshake there), so only a failure
+    *without* a code is this source's own channel, whose text tells a TLS refusal
+    (permanent) from an outage.
+    """
+    code = error_code_of(err)
+    if code is not None:
+        refused = ERRORS_BY_CODE.get(code)
+        return refused is None or refused.retryable
+    return not (_tls_refused(err) or _relayed_refusal(err))
+
+
 def _tls_refused(err: grpc.RpcError) -> bool:
-    """A failed TLS handshake (foreign CA, expired or wrong certificate) is no outage:
-    retrying cannot help, and the operator must hear of it at once."""
+    """A failed TLS handshake of this source's channel (foreign CA, expired or wrong
+    certificate) is no outage: retrying cannot help, and the operator must hear of it
+    at once."""
     details = (err.details() or "").lower() if hasattr(err, "details") else ""
     if "reset by peer" in details or "connection refused" in details:
         return False  # a peer dying mid-handshake is an outage, not a refusal
@@ -349,7 +411,8 @@ def _tls_refused(err: grpc.RpcError) -> bool:
 
 
 def _relayed_refusal(err: grpc.RpcError) -> bool:
-    """A master target's refusal that the process server relayed without its code.
+    """A master target's refusal that a process server relayed without its code (an
+    older build).
 
     The relay of a server stream surfaces as UNKNOWN ("Exception iterating
     responses: ...") with the master target's own status in the text: an outage
@@ -362,13 +425,22 @@ def _relayed_refusal(err: grpc.RpcError) -> bool:
     return "UNAVAILABLE" not in details and "DEADLINE_EXCEEDED" not in details
 
 
-def plan_by_hash_compare(session: SourceSession, stub, hash_disk=None) -> None:
-    """Plan a resync: fetch the target's hash map, hash the disk, send what differs.
+def plan_by_hash_compare(
+    session: SourceSession, stub, hash_disk=None, *, window_blocks: int = WINDOW_BLOCKS
+) -> None:
+    """Plan a resync: stream the target's hash map, hash the disk, send what differs.
 
     ``hash_disk`` is the Disk to hash when the session reads through another object
-    (a live, tracked disk); by default the session's own disk.
+    (a live, tracked disk); by default the session's own disk. Both maps are taken a
+    window of ``window_blocks`` at a time (16 bytes per block each) and compared as
+    they come; what is kept is one bit per block of the disk (the plan).
     """
     disk = hash_disk or session.disk
-    target_map = fetch_target_map(stub, session.volume, session.block_size, disk.virtual_size)
-    (source_map,) = compute_maps([(disk, None)], session.block_size)
-    session.plan(source_map, target_map)
+    bs, size = session.block_size, disk.virtual_size
+    target = fetch_target_map(stub, session.volume, bs, size)
+    differing = np.zeros(-(-block_count(size, bs) // 8), dtype=np.uint8)
+    for first, (source,) in map_windows([disk], size, bs, window_blocks=window_blocks):
+        packed = np.packbits(source.digests != target.take(first, len(source)), bitorder="little")
+        differing[first // 8 : first // 8 + len(packed)] = packed
+    target.finish()
+    session.plan_bitmap(differing, block_count(size, bs))

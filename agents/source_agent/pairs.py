@@ -344,7 +344,7 @@ def epoch_marker(number: int, consistent: bool, oldest: float | None, tag: dict 
 def _epoch_plan(record: bytes, epoch):
     def plan(session, stub) -> None:
         session.set_marker(record)
-        session.plan_blocks(epoch.blocks(), -(-session.disk.virtual_size // session.block_size))
+        session.plan_bitmap(epoch.bitmap, -(-session.disk.virtual_size // session.block_size))
 
     return plan
 

@@ -1,7 +1,7 @@
 """Stage ``memory``: peak resident memory of each agent during a full resync.
 
-Read from the kernel when each process ends (``wait4``'s ``ru_maxrss``: the peak
-over its whole life), from the same rounds as stage ``replicate`` (run once for
+Read from the kernel while each process runs (``VmHWM`` polled until it exits, see
+:mod:`.procs` for why not ``ru_maxrss``), from the same rounds as stage ``replicate`` (run once for
 both). The baseline is the matching process of the bare relay (client, relay,
 sink): what Python, gRPC and TLS cost by themselves. The goal is absolute: each
 agent under 256 MiB, whatever the disk size.

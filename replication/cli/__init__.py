@@ -32,6 +32,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ReplicationError
+from ..heap import return_large_buffers
 
 __all__ = ["build_parser", "main"]
 
@@ -123,6 +124,7 @@ def build_parser(command: str | None = None, *, help_only: bool = False) -> argp
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    return_large_buffers()  # an agent's memory must follow its configuration
     command = _command_of(argv)
     parser = build_parser(command, help_only=command is None and _asks_help(argv))
     args = parser.parse_args(argv)

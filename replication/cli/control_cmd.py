@@ -63,6 +63,13 @@ def _verb(verbs, name: str, help_text: str, func):
         "--role", default="orchestrator", help="certificate role to use (default orchestrator)"
     )
     v.add_argument("--server-host", default="localhost", help="the agent's certificate host")
+    v.add_argument(
+        "--expect-role",
+        metavar="ROLE",
+        help="refuse the agent unless it proves this role (source, process-server, "
+        "master-target) on every call: exit 6, tls.server_role. Default: none, only the "
+        "CA and the host name of its certificate are checked",
+    )
     v.add_argument("--timeout", type=float, default=30.0)
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=func)
@@ -70,11 +77,15 @@ def _verb(verbs, name: str, help_text: str, func):
 
 
 def _client(args: argparse.Namespace):
-    from ..certs import load_identity
+    from ..certs import load_identity, normalize_role
     from ..control import ControlClient
 
+    # an unknown role is a UsageError here, before any connection
+    expect = normalize_role(args.expect_role) if args.expect_role else None
     identity = load_identity(args.tls_dir, args.role, args.host)
-    return ControlClient(args.address, identity, server_host=args.server_host, timeout=args.timeout)
+    return ControlClient(
+        args.address, identity, server_host=args.server_host, timeout=args.timeout, role=expect
+    )
 
 
 def _emit(args: argparse.Namespace, value, text: str) -> int:

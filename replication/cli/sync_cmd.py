@@ -26,9 +26,12 @@ The target's hash map is kept after each sync and reused next time while the
 target's generation (file identity and times, VMDK CID) proves it unchanged, so a
 repeated sync reads only the source. --verify ignores the kept map.
 
-Memory: the two hash maps take 32 bytes per block of SOURCE (128 MiB for 256 GiB
-at 64K blocks). A SOURCE whose maps would exceed --max-map-memory is refused
-(error disk.too_large) before anything is read: use a larger --block-size.
+Memory: the hash maps are hashed, compared and kept a window at a time (16 MiB
+per disk), never whole; the plan takes 2 bits per block of SOURCE (8 MiB for
+2 TiB at 64K blocks). A SOURCE whose plan would exceed --max-map-memory (default
+256M: 64 TiB at 64K blocks) is refused (error disk.too_large) before anything is
+read: a guard against descriptors claiming absurd sizes; use a larger
+--block-size, or raise the bound if the size is real.
 """
 
 
@@ -58,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-map-memory",
         type=parse_size,
         default=MAX_MAP_BYTES,
-        help="refuse a SOURCE whose hash maps need more (default 4G: 8 TiB at 64K blocks)",
+        help="refuse a SOURCE whose sync plan (2 bits per block) needs more "
+        "(default 256M: 64 TiB at 64K blocks)",
     )
     p.set_defaults(func=run)
 

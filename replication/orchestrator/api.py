@@ -32,7 +32,7 @@ from typing import Any
 from ..blocks import parse_size
 from ..disks import open_disk
 from ..errors import JobBusyError, ReplicationError, UsageError
-from .clients import Agents
+from .clients import SOURCE, Agents
 from .estimate import reachable
 from .failover import Failover, ShutdownFn
 from .jobs import is_alive, mark_interrupted, run_job
@@ -50,6 +50,7 @@ from .model import (
     Server,
     Vm,
 )
+from .pairstates import FAILED_OVER, STOPPED
 from .status import pair_rows
 from .store import open_store
 
@@ -61,7 +62,7 @@ _ADDRESS = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}")
 
 
 #: pair states that no longer load a server
-_ENDED_PAIR_STATES = ("stopped", "failed-over")
+_ENDED_PAIR_STATES = (STOPPED, FAILED_OVER)
 
 
 class Orchestrator:
@@ -285,8 +286,9 @@ class Orchestrator:
         if not pairs:
             raise UsageError(f"VM {vm!r} has no {direction} pairs to move")
         for pair in pairs:
-            with self.agents.client(pair.source_agent) as client:
-                client.move_pair(pair.source_disk, server.address)
+            # the cached client: closing it would break the orchestrator's later calls
+            client = self.agents.client(pair.source_agent, role=SOURCE)
+            client.move_pair(pair.source_disk, server.address)
             self.store.set_pair_process_server(pair.vm, pair.disk, direction, process_server)
         return self.store.pairs(vm, direction)
 

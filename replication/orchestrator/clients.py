@@ -1,7 +1,12 @@
 """Connections to the agents' control services, as the orchestrator role.
 
 One :class:`~replication.control.ControlClient` per address, kept for the life of
-the orchestrator. Reachability is decided here: a call that fails without a typed
+the orchestrator. Every client names the role the agent must prove on each call
+(``role=``: a registered server's role from the store, :data:`SOURCE` for the
+source agents beside a VM's disks), so a server registered at the wrong address,
+or a host serving another role's certificate, is refused with
+:class:`~replication.errors.ServerRoleError` (``tls.server_role``) before any
+command reaches it. Reachability is decided here: a call that fails without a typed
 error from the agent (refused, TLS, deadline) becomes
 :class:`~replication.errors.ServerUnreachableError` naming the server and the fix.
 """
@@ -17,9 +22,12 @@ from pathlib import Path
 from .. import wire
 from ..certs import load_identity, normalize_role
 from ..control import ControlClient
-from ..errors import PairFailedError, ReplicationError, ServerUnreachableError
+from ..errors import PairFailedError, ReplicationError, ServerRoleError, ServerUnreachableError
 
-__all__ = ["Agents", "certificate_fingerprint"]
+__all__ = ["SOURCE", "Agents", "certificate_fingerprint"]
+
+#: the certificate role of a source agent (servers: their registered ``Server.role``)
+SOURCE = "source"
 
 #: deadline of the preflight's Status calls (an unreachable host costs at most this)
 PROBE_TIMEOUT = 10.0
@@ -43,21 +51,31 @@ class Agents:
         self._identity = None
         self._clients: dict[tuple[str, float], ControlClient] = {}
 
-    def client(self, address: str, timeout: float | None = None) -> ControlClient:
-        """The (cached) control client of ``address``."""
-        key = (address, timeout or self.timeout)
+    def client(self, address: str, timeout: float | None = None, *, role: str) -> ControlClient:
+        """The (cached) control client of ``address``, which must prove ``role``."""
+        key = (address, timeout or self.timeout, role)
         if key not in self._clients:
             if self._identity is None:
                 self._identity = load_identity(self.tls_dir, "orchestrator", self.host)
             self._clients[key] = ControlClient(
-                address, self._identity, server_host=self.server_host, timeout=key[1]
+                address, self._identity, server_host=self.server_host, timeout=key[1], role=role
             )
         return self._clients[key]
 
-    def status(self, address: str, what: str) -> wire.AgentInfo:
-        """``Control.Status`` of ``address``; ServerUnreachableError if it does not answer."""
+    def status(self, address: str, what: str, *, role: str) -> wire.AgentInfo:
+        """``Control.Status`` of ``address``, which must prove ``role``.
+
+        ServerUnreachableError if it does not answer; ServerRoleError (naming
+        ``what`` and ``address``) if it answers with another role's certificate.
+        """
         try:
-            return self.client(address, PROBE_TIMEOUT).status()
+            return self.client(address, PROBE_TIMEOUT, role=role).status()
+        except ServerRoleError as err:
+            raise ServerRoleError(
+                f"{what} at {address}: {err.message}",
+                hint=f"check the address registered for the {what}: the server there is "
+                "not one (or serves another role's certificate)",
+            ) from err
         except PairFailedError as err:  # no typed error: the agent did not answer
             raise ServerUnreachableError(
                 f"{what} at {address} does not answer: {err.message}",

@@ -57,10 +57,11 @@ from ..errors import (
     WrongStateError,
 )
 from ..faults import crash_point
-from .clients import typed_or_unreachable
+from .clients import SOURCE, typed_or_unreachable
 from .jobs import JobRun
-from .journey import PROTECTED, Journey, volume_path
+from .journey import Journey, volume_path
 from .model import ON_PREM, Pair, Server, Vm
+from .pairstates import DRAIN, DRAINED, FAILED_OVER, PROTECTED, STOP, STOPPED
 from .preflight import Preflight, check_server
 
 __all__ = ["Failover", "resolve_point", "shell_shutdown"]
@@ -188,7 +189,7 @@ class Failover:
         for p in pairs:
             name = f"{p.vm}/{p.disk}: pair {p.source_disk} -> {p.volume} is protected"
             info = live[p] = self._live_pair(pf, p, point)
-            if p.state in ("drained", "stopped", "failed-over"):
+            if p.state in (DRAINED, STOPPED, FAILED_OVER):
                 pf.run(name, lambda: None, f"{p.state} by an earlier run (point {p.point or '-'})")
             elif point == "latest":
                 pf.run(name, lambda p=p, i=info: _require_protected(p, i), "protected")
@@ -257,7 +258,7 @@ class Failover:
 
     def _points(self, mt: Server, volume: str) -> list[wire.PointMsg]:
         try:
-            return self.agents.client(mt.address).list_points(volume)
+            return self.agents.client(mt.address, role=mt.role).list_points(volume)
         except ReplicationError as err:
             raise typed_or_unreachable(err, f"master target {mt.name!r}", mt.address) from err
 
@@ -272,7 +273,7 @@ class Failover:
         timeout: float,
     ) -> list[Pair]:
         """Bring every volume level with the stopped Azure disks; return updated pairs."""
-        todo = [p for p in pairs if p.state not in ("drained", "stopped", "failed-over")]
+        todo = [p for p in pairs if p.state not in (DRAINED, STOPPED, FAILED_OVER)]
         tracked = [p for p in todo if (i := live.get(p)) is not None and i.mode == "tracked"]
         if tracked:
             self._group_cut(run, tracked, servers, timeout)
@@ -310,7 +311,9 @@ class Failover:
                 pts = self._points(servers[p.master_target], p.volume)
                 found = resolve_point(pts, f"group:{group}")
                 if found is not None:
-                    self.store.set_pair_state(p.vm, p.disk, p.direction, "drained", str(found.id))
+                    self.store.set_pair_state(
+                        p.vm, p.disk, p.direction, DRAINED, str(found.id), event=DRAIN
+                    )
                     waiting.remove(p)
             run.progress(
                 1 - len(waiting) / len(pairs),
@@ -332,12 +335,12 @@ class Failover:
         self.journey.wait_protected(run, [pair], timeout)
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.store.set_pair_state(
-            pair.vm, pair.disk, pair.direction, "drained", f"level at {stamp}"
+            pair.vm, pair.disk, pair.direction, DRAINED, f"level at {stamp}", event=DRAIN
         )
 
     def _stop(self, run: JobRun, pairs: list[Pair], *, tolerate_unreachable: bool) -> None:
         for p in pairs:
-            if p.state in ("stopped", "failed-over"):
+            if p.state in (STOPPED, FAILED_OVER):
                 continue
             try:
                 info = self._agent_call(p.source_agent, lambda c, p=p: c.stop_pair(p.source_disk))
@@ -347,11 +350,11 @@ class Failover:
                 run.note(f"{p.vm}/{p.disk}: pair not stopped ({err.message})")
                 continue
             run.note(f"{p.vm}/{p.disk}: pair {p.source_disk} -> {p.volume} {info.state}")
-            self.store.set_pair_state(p.vm, p.disk, p.direction, "stopped")
+            self.store.set_pair_state(p.vm, p.disk, p.direction, STOPPED, event=STOP)
 
     def _agent_call(self, address: str, call):
         try:
-            return call(self.agents.client(address))
+            return call(self.agents.client(address, role=SOURCE))
         except ReplicationError as err:
             raise typed_or_unreachable(err, "source agent", address) from err
 
@@ -395,7 +398,7 @@ class Failover:
         deadline = time.monotonic() + RELEASE_WAIT
         while True:
             try:
-                self.agents.client(mt.address).release_volume(volume)
+                self.agents.client(mt.address, role=mt.role).release_volume(volume)
                 break
             except VolumeInUseError as err:
                 if time.monotonic() > deadline:
@@ -413,7 +416,7 @@ class Failover:
     def _produce(self, run: JobRun, pair: Pair, mt: Server, point: wire.PointMsg) -> str:
         name = f"{pair.volume}-p{point.id}"[-64:]
         run.note(f"{pair.vm}/{pair.disk}: producing {name} at point {point.id}")
-        client = self.agents.client(mt.address, PRODUCE_TIMEOUT)
+        client = self.agents.client(mt.address, PRODUCE_TIMEOUT, role=mt.role)
         try:
             volume, _ = client.produce_disk(pair.volume, str(point.id), name)
         except ReplicationError as err:

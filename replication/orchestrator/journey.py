@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from .. import wire
 from ..errors import (
     AzureDiskMissingError,
+    FailoverInterruptedError,
     PairFailedError,
     ReplicationError,
     UnknownObjectError,
@@ -36,7 +37,7 @@ from ..errors import (
     WrongStateError,
 )
 from ..faults import crash_point
-from .clients import PROBE_TIMEOUT, Agents, typed_or_unreachable
+from .clients import PROBE_TIMEOUT, SOURCE, Agents, typed_or_unreachable
 from .estimate import estimate_move, reachable
 from .jobs import JobRun
 from .model import (
@@ -49,6 +50,7 @@ from .model import (
     Vm,
     next_phase,
 )
+from .pairstates import FAILED_OVER, INITIAL, PROTECTED, SEEN_PROTECTED, STOPPED
 from .preflight import (
     Preflight,
     check_datastore_writable,
@@ -61,10 +63,8 @@ from .preflight import (
 )
 from .store import Store
 
-__all__ = ["Journey", "PairTarget", "volume_path"]
+__all__ = ["PROTECTED", "Journey", "PairTarget", "volume_path"]
 
-#: pair states the source agent reports that mean "level, keeping level"
-PROTECTED = "protected"
 #: how long a pair may stay in ``error`` (the agent retrying) before the step fails
 ERROR_GRACE = 120.0
 
@@ -134,6 +134,7 @@ class Journey:
         self, pf: Preflight, vms: list[Vm], mt: Server, location: str | None
     ) -> list[PairTarget]:
         volumes: dict[str, list | None] = {}  # asked once: "" -> the list, or None
+        listed: dict[str, list[wire.VolumeInfo] | str] = {}  # failback MT -> volumes or why not
         targets = []
         for vm in vms:
             where = location or ("alternate" if vm.kind == "physical" else "original")
@@ -141,11 +142,53 @@ class Journey:
             if not pf.passes(name, lambda vm=vm, where=where: check_location(vm, where)):
                 continue
             self._check_agent(pf, vm.azure_agent, f"source agent beside {vm.name}'s Azure disks")
+            released = self._check_failover_finished(pf, vm, listed)
             if where == "original" and "" not in volumes:
                 volumes[""] = pf.run("master target lists its volumes", self._volumes(mt))
             for disk in vm.disks:
-                targets.append(self._reprotect_target(pf, vm, disk, mt, where, volumes.get("")))
+                if disk.name not in released:  # its only fix is failover: no target to check
+                    targets.append(self._reprotect_target(pf, vm, disk, mt, where, volumes.get("")))
         return targets
+
+    def _check_failover_finished(
+        self, pf: Preflight, vm: Vm, listed: dict[str, list[wire.VolumeInfo] | str]
+    ) -> set[str]:
+        """No failover of ``vm`` stopped half way; return the disks it left released.
+
+        A failover that got past releasing a volume (its master target no longer
+        lists it, the pair is ``stopped``) has handed that VMDK over: reprotect must
+        not start writing it again, and only running failover again finishes the
+        step. Without this check reprotect would refuse with "the original VMDK is
+        not registered", which sends the operator to the wrong fix.
+        """
+        stopped = [p for p in self.store.pairs(vm.name, "failback") if p.state == STOPPED]
+        if not stopped:
+            return set()
+        released = []
+        for pair in stopped:
+            if pair.master_target not in listed:  # asked once per master target
+                listed[pair.master_target] = self._listed_or_why(pair.master_target)
+            volumes = listed[pair.master_target]
+            if not isinstance(volumes, str) and all(v.name != pair.volume for v in volumes):
+                released.append(pair)
+        name = f"{vm.name}: no failover left half done"
+        if not released:
+            pf.run(name, lambda: None, "pairs stopped by a failover, no volume released yet")
+            return set()
+        plans = [p.name for p in self.store.plans() if vm.name in self.store.plan_vms(p.name)]
+        which = plans[0] if len(plans) == 1 else "PLAN"
+        gone = ", ".join(f"{p.volume} (master target {p.master_target!r})" for p in released)
+        pf.fail(
+            name,
+            FailoverInterruptedError(
+                f"a failover of VM {vm.name} was interrupted after releasing {gone}: its "
+                "pairs are stopped and the released VMDKs may already belong to the "
+                "recovered VM, so reprotect cannot start them again",
+                hint=f"run failover again (`replication orchestrate failover {which} ...` with "
+                "the same --point): it finishes what is left",
+            ),
+        )
+        return {p.disk for p in released}
 
     def _reprotect_target(
         self, pf: Preflight, vm: Vm, disk: Disk, mt: Server, where: str, volumes: list | None
@@ -268,7 +311,7 @@ class Journey:
 
     def _check_forward_stopped(self, pf: Preflight, vm: Vm) -> None:
         """The failback pairs no longer write the VMDKs (failover stopped them)."""
-        running = [p for p in self.store.pairs(vm.name, "failback") if p.state != "failed-over"]
+        running = [p for p in self.store.pairs(vm.name, "failback") if p.state != FAILED_OVER]
         name = f"{vm.name}: failback pairs stopped"
         if running:
             pf.fail(
@@ -304,7 +347,7 @@ class Journey:
         """The volumes of a master target, or why they could not be listed."""
         try:
             mt = self.store.server(mt_name)
-            return self.agents.client(mt.address, PROBE_TIMEOUT).list_volumes()
+            return self.agents.client(mt.address, PROBE_TIMEOUT, role=mt.role).list_volumes()
         except ReplicationError as err:
             return err.message
 
@@ -365,14 +408,14 @@ class Journey:
             return
         pf.run(
             f"{what} reachable at {address}",
-            lambda: self.agents.status(address, what),
+            lambda: self.agents.status(address, what, role=SOURCE),
             lambda info: f"{info.role} {info.agent_version}",
         )
 
     def _volumes(self, mt: Server):
         def list_volumes() -> list[wire.VolumeInfo]:
             try:
-                return self.agents.client(mt.address).list_volumes()
+                return self.agents.client(mt.address, role=mt.role).list_volumes()
             except ReplicationError as err:
                 raise typed_or_unreachable(err, f"master target {mt.name!r}", mt.address) from err
 
@@ -413,7 +456,7 @@ class Journey:
         pairs = []
         for t in targets:
             try:
-                info = self.agents.client(t.agent).start_pair(t.source_disk, t.volume)
+                info = self.agents.client(t.agent, role=SOURCE).start_pair(t.source_disk, t.volume)
             except ReplicationError as err:
                 raise typed_or_unreachable(err, "source agent", t.agent) from err
             crash_point("orchestrator.pair_started")  # a re-run starts it again (idempotent)
@@ -429,7 +472,7 @@ class Journey:
                     mt.name,
                     t.volume,
                     t.location,
-                    "resyncing",
+                    INITIAL,
                     updated=time.time(),
                 )
             )
@@ -438,7 +481,7 @@ class Journey:
     def live_pair(self, pair: Pair) -> wire.PairInfo | None:
         """The source agent's view of ``pair`` (None: the agent runs no such pair)."""
         try:
-            info = self.agents.client(pair.source_agent).status()
+            info = self.agents.client(pair.source_agent, role=SOURCE).status()
         except ReplicationError as err:
             raise typed_or_unreachable(err, "source agent", pair.source_agent) from err
         return next((p for p in info.pairs if p.disk == pair.source_disk), None)
@@ -466,13 +509,14 @@ class Journey:
                 )
             time.sleep(self.poll)
         for p in pairs:
-            self.store.set_pair_state(p.vm, p.disk, p.direction, PROTECTED)
+            self.store.set_pair_state(p.vm, p.disk, p.direction, PROTECTED, event=SEEN_PROTECTED)
 
     def _ensure_running(self, pair: Pair) -> wire.PairInfo:
         """The pair's live state; started again if its agent lost it (a restart)."""
         info = self.live_pair(pair)
         if info is None or info.state == "stopped":
-            info = self.agents.client(pair.source_agent).start_pair(pair.source_disk, pair.volume)
+            client = self.agents.client(pair.source_agent, role=SOURCE)
+            info = client.start_pair(pair.source_disk, pair.volume)
         if info.volume != pair.volume:
             raise WrongStateError(
                 f"disk {pair.source_disk} on {pair.source_agent} replicates to {info.volume!r}, "

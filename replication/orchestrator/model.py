@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import WrongStateError
+from .pairstates import INITIAL
 
 __all__ = [
     "LOCATIONS",
@@ -158,7 +159,7 @@ class Pair:
     master_target: str  # server name
     volume: str
     location: str = ""
-    state: str = "starting"
+    state: str = INITIAL  # changed only as the pair state table (.pairstates) allows
     point: str = ""  # failover: the recovery point the data was taken at
     updated: float = 0.0
 

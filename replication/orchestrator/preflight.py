@@ -107,8 +107,9 @@ class Preflight:
 
 
 def check_server(agents: Agents, server: Server) -> wire.AgentInfo:
-    """The server answers Status, in its role, with the pinned certificate."""
-    info = agents.status(server.address, f"{server.role} {server.name!r}")
+    """The server answers Status, proving its role (``tls.server_role`` otherwise),
+    with the pinned certificate."""
+    info = agents.status(server.address, f"{server.role} {server.name!r}", role=server.role)
     if info.role != server.role:
         raise ServerIdentityError(
             f"{server.address} is a {info.role}, not the {server.role} {server.name!r}",
@@ -210,7 +211,7 @@ def check_size(source: int, target: int, what: str) -> None:
 def check_datastore_writable(agents: Agents, mt: Server, name: str, size: int) -> wire.VolumeInfo:
     """Create (idempotently) the new VMDK on the master target's datastore."""
     try:
-        return agents.client(mt.address).create_volume(name, size)
+        return agents.client(mt.address, role=mt.role).create_volume(name, size)
     except UnknownVolumeError:
         raise
     except ReplicationError as err:

@@ -13,14 +13,12 @@ from typing import Any
 
 from .. import wire
 from ..errors import ReplicationError
-from .clients import Agents
+from .clients import SOURCE, Agents
 from .model import Pair
+from .pairstates import LIVE_STATES, OBSERVE
 from .store import Store
 
 __all__ = ["pair_rows", "render_table"]
-
-#: stored states the live state may refresh (the others are the orchestrator's own)
-_LIVE_STATES = ("starting", "resyncing", "protected", "error")
 
 
 def pair_rows(store: Store, agents: Agents) -> list[dict[str, Any]]:
@@ -32,22 +30,29 @@ def pair_rows(store: Store, agents: Agents) -> list[dict[str, Any]]:
         points = _points(store, agents, pair)
         rows.append(_row(pair, live, points))
         if _refresh(pair, live):
-            store.set_pair_state(pair.vm, pair.disk, pair.direction, live.state)  # type: ignore[union-attr]
+            store.set_pair_state(
+                pair.vm,
+                pair.disk,
+                pair.direction,
+                live.state,  # type: ignore[union-attr]
+                event=OBSERVE,
+            )
     return rows
 
 
 def _refresh(pair: Pair, live: wire.PairInfo | str) -> bool:
-    """Whether the live state should replace the stored one."""
+    """Whether the live state should replace the stored one (the stored states that
+    are the orchestrator's own, drained and after, stay)."""
     if not isinstance(live, wire.PairInfo) or live.state == pair.state:
         return False
-    return pair.state in _LIVE_STATES and live.state in _LIVE_STATES
+    return pair.state in LIVE_STATES and live.state in LIVE_STATES
 
 
 def _live(agents: Agents, cache: dict, pair: Pair) -> wire.PairInfo | str:
     """The agent's pair, or a word: ``unreachable``, ``not running``."""
     if pair.source_agent not in cache:
         try:
-            cache[pair.source_agent] = agents.status(pair.source_agent, "source agent")
+            cache[pair.source_agent] = agents.status(pair.source_agent, "source agent", role=SOURCE)
         except ReplicationError:
             cache[pair.source_agent] = "unreachable"
     info = cache[pair.source_agent]
@@ -60,7 +65,7 @@ def _live(agents: Agents, cache: dict, pair: Pair) -> wire.PairInfo | str:
 def _points(store: Store, agents: Agents, pair: Pair) -> list[wire.PointMsg]:
     try:
         mt = store.server(pair.master_target)
-        return agents.client(mt.address, 10.0).list_points(pair.volume)
+        return agents.client(mt.address, 10.0, role=mt.role).list_points(pair.volume)
     except ReplicationError:
         return []
 

@@ -15,6 +15,10 @@ Rules of the file (``<dir>/config.sqlite``):
   scripts from version 1 on; opening applies the missing ones, each in the same
   transaction as the version bump. A store of a *newer* version is refused
   (:class:`~replication.errors.StoreVersionError`), never downgraded.
+* A pair's state changes only as the pair state table allows
+  (:mod:`.pairstates`): every write checks the stored state in its own
+  transaction and refuses any other change (PairStateError), leaving the store as
+  it was.
 * :meth:`Store.backup` uses SQLite's online backup API: a consistent copy while
   other connections (another orchestrator process) write. :meth:`Store.restore`
   checks the file first (integrity, schema) and copies it in with the same API.
@@ -43,6 +47,7 @@ from ..errors import (
     UnknownVmError,
 )
 from .model import Disk, Group, Job, Pair, Plan, Server, Vm
+from .pairstates import FAIL_OVER, FAILED_OVER, START, check_change
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "STORE_FILE", "Store", "open_store"]
 
@@ -265,6 +270,7 @@ class Store:
         and, for reprotect, the move to the failback groups: one transaction."""
         with self.transaction() as db:
             for pair in pairs:
+                _check_pair(db, pair.vm, pair.disk, pair.direction, START, pair.state)
                 _upsert(db, "pairs", pair, ("vm", "disk", "direction"))
             for vm, (phase, location) in phases.items():
                 _set_phase(db, vm, phase, location)
@@ -284,10 +290,11 @@ class Store:
                     "WHERE vm = ? AND name = ?",
                     (volume, path, vm, disk),
                 )
+                _check_pair(db, vm, disk, "failback", FAIL_OVER, FAILED_OVER)
                 db.execute(
-                    "UPDATE pairs SET state = 'failed-over', point = ?, updated = ? "
+                    "UPDATE pairs SET state = ?, point = ?, updated = ? "
                     "WHERE vm = ? AND disk = ? AND direction = 'failback'",
-                    (point, now, vm, disk),
+                    (FAILED_OVER, point, now, vm, disk),
                 )
             for vm in vms:
                 _set_phase(db, vm, phase, None)
@@ -336,9 +343,12 @@ class Store:
     # -- pairs ----------------------------------------------------------------------
 
     def set_pair_state(
-        self, vm: str, disk: str, direction: str, state: str, point: str = ""
+        self, vm: str, disk: str, direction: str, state: str, point: str = "", *, event: str
     ) -> None:
+        """``event`` moves the pair to ``state`` (and sets its point, unless ""); a
+        change the pair state table does not list is refused (PairStateError)."""
         with self.transaction() as db:
+            _check_pair(db, vm, disk, direction, event, state)
             db.execute(
                 "UPDATE pairs SET state = ?, point = CASE WHEN ? = '' THEN point ELSE ? END, "
                 "updated = ? WHERE vm = ? AND disk = ? AND direction = ?",
@@ -564,6 +574,17 @@ def _move_to_failback(db: sqlite3.Connection, vm: str) -> None:
         plans = db.execute("SELECT plan FROM plan_groups WHERE grp = ?", (grp,)).fetchall()
         for (plan,) in plans:
             _add_plan_group(db, plan, failback)
+
+
+def _check_pair(
+    db: sqlite3.Connection, vm: str, disk: str, direction: str, event: str, state: str
+) -> None:
+    """Refuse a pair state change the table does not allow (read in the same transaction)."""
+    row = db.execute(
+        "SELECT state FROM pairs WHERE vm = ? AND disk = ? AND direction = ?",
+        (vm, disk, direction),
+    ).fetchone()
+    check_change(f"{vm}/{disk} ({direction})", row["state"] if row else None, event, state)
 
 
 def _job(row: sqlite3.Row) -> Job:

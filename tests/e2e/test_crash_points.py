@@ -24,6 +24,7 @@ import time
 import pytest
 
 from replication.faults import POINTS
+from tests import ledger
 from tests.e2e.agents import (
     init_tls,
     master_target,
@@ -144,7 +145,9 @@ def test_a_kill_at_each_named_crash_point_loses_nothing(tmp_path, point):
         assert code == -9, f"{who} did not die at {point} (exit {code})"
         assert f"crash point {point} reached" in agents[who].log.read_text()
         agents[who] = restart(agents[who], agents[who].port)
+        ledger.tried("crash points killed", point)
         judge(raw, vmdk, src)
+        ledger.lost_nothing("crash points killed")
     finally:
         for a in agents.values():
             a.stop()
@@ -171,8 +174,11 @@ def test_random_kills_of_each_agent_lose_nothing(tmp_path, who):
                 agents[who].kill()
                 agents[who] = restart(agents[who], agents[who].port)
         proxy.delay = 0.0
+        ledger.tried("random kills (resync)", who, kills)
         judge(raw, vmdk, src)
+        ledger.lost_nothing("random kills (resync)")
     finally:
+        ledger.wire(proxy)
         proxy.close()
         for a in agents.values():
             a.stop()
@@ -208,9 +214,12 @@ def test_soak_random_kills_of_each_agent_lose_nothing(tmp_path, who, request):
                     break  # the episode ended: a kill now would not land during a resync
                 src, agents = _kill_and_restart(who, src, agents, tls, proxy.port, raw)
                 done += 1
+                ledger.tried("random kills (resync)", who)
             proxy.delay = 0.0
             judge(raw, vmdk, src)
+        ledger.lost_nothing("random kills (resync)")
     finally:
+        ledger.wire(proxy)
         proxy.close()
         for a in agents.values():
             a.stop()

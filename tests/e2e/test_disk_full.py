@@ -15,6 +15,7 @@ import pytest
 
 from replication.disks import open_disk
 from replication.spool import Spool
+from tests import ledger
 from tests.helpers import fill_device, qemu_check, qemu_compare
 from tests.proxy import FaultProxy
 
@@ -34,6 +35,7 @@ def test_a_full_spool_device_is_retried_and_loses_nothing(cluster):
     to_ps = FaultProxy(ps.port)
     try:
         filler = fill_device(spool_dir.parent, leave=3 * MiB)
+        ledger.tried("network and device faults", "spool device full")
         src = cluster.source(to_ps.port, source, deadline=90)
         cluster.wait_for(lambda: to_ps.bytes_up > 256 << 10, 30, "frames to flow")
         to_mt.stall(True)  # nothing is persisted, so nothing leaves the spool
@@ -51,10 +53,12 @@ def test_a_full_spool_device_is_retried_and_loses_nothing(cluster):
         assert src.wait(timeout=60) == 0, cluster.source_log()
         assert cluster.status(ps.port).problems == []
     finally:
+        ledger.wire(to_ps)
         to_ps.close()
         to_mt.close()
     cluster.stop()
     assert qemu_compare(source, volume, "vmdk").returncode == 0
+    ledger.lost_nothing("network and device faults")
     # the spool opens cleanly (no corrupt record) and holds nothing: all persisted
     with Spool.open(spool_dir, limit_bytes=1 << 30) as spool:
         assert spool.used_bytes == 0
@@ -68,6 +72,7 @@ def test_a_full_master_target_device_is_retried_and_acks_only_what_is_on_disk(cl
     mt = cluster.master_target(volume, data_dir=fs / "mt")
     ps = cluster.process_server(mt.port)
     filler = fill_device(fs, leave=4 * MiB)
+    ledger.tried("network and device faults", "master-target device full")
     src = cluster.source(ps.port, source, deadline=90)
     cluster.wait_for(lambda: "[volume.disk_full]" in mt.log.read_text(), 30, "disk full")
     # the process server keeps the frames and retries; it says why
@@ -92,6 +97,7 @@ def test_a_full_master_target_device_is_retried_and_acks_only_what_is_on_disk(cl
     assert "Traceback" not in agent.log.read_text()
     assert qemu_compare(source, volume, "vmdk").returncode == 0
     assert _persisted_seq(state) == 16  # one frame per MiB
+    ledger.lost_nothing("network and device faults")
 
 
 def _count(log: Path, text: str) -> int:

@@ -23,6 +23,7 @@ within ``CLEAR`` seconds of the fault's removal.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -36,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from replication.certs import load_identity
 from replication.control import ControlClient
+from tests import ledger
 from tests.e2e.agents import Agent, replication, start
 from tests.e2e.test_replication import source_args
 from tests.helpers import qemu_compare
@@ -232,12 +234,14 @@ def finish(cluster, src: subprocess.Popen[bytes], ps_client: ControlClient, volu
     stop_all(cluster)
     compared = qemu_compare(cluster.root / "source.raw", volume, "vmdk")
     assert compared.returncode == 0, compared.stdout
+    ledger.lost_nothing("network and device faults")
 
 
 # --- the master target unreachable -------------------------------------------------------
 
 
 def test_a_stopped_master_target_is_reported_by_the_process_server(cluster):
+    ledger.tried("network and device faults", _fault_name())
     source, volume = disks(cluster)
     mt = master_target(cluster, volume=volume)
     ps = process_server(cluster, mt.port)
@@ -262,6 +266,7 @@ def test_a_stopped_master_target_is_reported_by_the_process_server(cluster):
 
 
 def test_an_unreachable_master_target_is_reported_before_any_session(cluster):
+    ledger.tried("network and device faults", _fault_name())
     source, volume = disks(cluster)
     mt = master_target(cluster, volume=volume)
     ps = process_server(cluster, mt.port)
@@ -289,6 +294,7 @@ def test_an_unreachable_master_target_is_reported_before_any_session(cluster):
     ps_client.close()
     stop_all(cluster)
     assert qemu_compare(source, volume, "vmdk").returncode == 0
+    ledger.lost_nothing("network and device faults")
 
 
 # --- the link between the process server and the master target --------------------------
@@ -303,7 +309,14 @@ def relay_through_proxy(cluster):
     ps_client = control(cluster, ps)
     src = source_once(cluster, ps.port, source)
     within(DETECT, lambda: to_mt.bytes_up > MiB, "frames to reach the master target")
+    ledger.tried("network and device faults", _fault_name())
     return to_mt, ps, ps_client, src, volume
+
+
+def _fault_name() -> str:
+    """The running test's name, without ``test_`` (its fault)."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0].split("::")[-1]
+    return test.removeprefix("test_").replace("_", " ")
 
 
 def test_a_stalled_link_to_the_master_target_is_reported(cluster):
@@ -314,6 +327,7 @@ def test_a_stalled_link_to_the_master_target_is_reported(cluster):
         to_mt.stall(False)
         finish(cluster, src, ps_client, volume)
     finally:
+        ledger.wire(to_mt)
         to_mt.close()
 
 
@@ -358,6 +372,7 @@ def test_a_link_cut_again_and_again_is_reported(cluster):
         finish(cluster, src, ps_client, volume)
     finally:
         done.set()
+        ledger.wire(to_mt)
         to_mt.close()
 
 
@@ -382,6 +397,7 @@ def test_a_half_open_connection_to_the_master_target_is_reported(cluster, fault)
             assert failures, "process server: replication_forward_failures_total counts it"
         finish(cluster, src, ps_client, volume)
     finally:
+        ledger.wire(to_mt)
         to_mt.close()
 
 
@@ -393,6 +409,7 @@ def test_a_master_target_that_stops_reading_is_reported(cluster):
         to_mt.stop_reading("up", on=False)
         finish(cluster, src, ps_client, volume)
     finally:
+        ledger.wire(to_mt)
         to_mt.close()
 
 
@@ -400,6 +417,7 @@ def test_a_master_target_that_stops_reading_is_reported(cluster):
 
 
 def test_a_full_spool_is_reported(cluster):
+    ledger.tried("network and device faults", _fault_name())
     limit = 4 * MiB
     source = cluster.make_source("source.raw", SIZE, SIZE)  # 16 frames: four times the limit
     volume = cluster.make_volume(cluster.root / "target.vmdk", SIZE)
@@ -436,12 +454,14 @@ def test_a_full_spool_is_reported(cluster):
     ps_client.close()
     stop_all(cluster)
     assert qemu_compare(source, volume, "vmdk").returncode == 0
+    ledger.lost_nothing("network and device faults")
 
 
 # --- refusals -----------------------------------------------------------------------------
 
 
 def test_a_permanent_refusal_is_reported_and_clears_after_the_fix(cluster):
+    ledger.tried("network and device faults", _fault_name())
     source, volume = disks(cluster)
     other = cluster.root / "other-passphrase"
     other.write_text("ab" * 32)
@@ -487,9 +507,11 @@ def test_a_permanent_refusal_is_reported_and_clears_after_the_fix(cluster):
     ps_client.close()
     stop_all(cluster)
     assert qemu_compare(source, volume, "vmdk").returncode == 0
+    ledger.lost_nothing("network and device faults")
 
 
 def test_a_pair_whose_volume_is_unknown_is_in_error_until_the_volume_exists(cluster):
+    ledger.tried("network and device faults", _fault_name())
     source = cluster.make_source("source.raw", SIZE, DATA)
     datastore = cluster.root / "datastore"
     mt = master_target(cluster, datastore=datastore)
@@ -525,3 +547,4 @@ def test_a_pair_whose_volume_is_unknown_is_in_error_until_the_volume_exists(clus
     src_client.close()
     stop_all(cluster)
     assert qemu_compare(source, datastore / "vol2" / "vol2.vmdk", "vmdk").returncode == 0
+    ledger.lost_nothing("network and device faults")

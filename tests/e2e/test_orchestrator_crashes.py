@@ -32,6 +32,7 @@ import pytest
 from replication.certs import load_identity
 from replication.control import ControlClient
 from replication.orchestrator import Orchestrator
+from replication.orchestrator.pairstates import PAIR_STATES, TERMINAL, exits
 from tests.e2e.agents import replication
 from tests.e2e.test_failback_journey import (
     BLOCK,
@@ -52,9 +53,9 @@ pytestmark = pytest.mark.oracle
 
 SIZE = 8 << 20
 DISKS = ("data", "os")  # the order the orchestrator walks them in (sorted)
-#: the stored pair states some step leaves: reprotect, failover or reverse-reprotect
-#: moves a pair on from each (the state a pair must never be stranded outside of)
-LEAVABLE = {"starting", "resyncing", "protected", "error", "drained", "stopped", "failed-over"}
+#: the stored pair states a CLI verb moves a pair on from, by the pair state table,
+#: and its final state (a pair must never be stranded outside of these)
+LEAVABLE = {s for s in PAIR_STATES if exits(s)} | TERMINAL
 
 
 def killed_at(w: World, store: Path, point: str, *args: str) -> None:
@@ -152,6 +153,7 @@ def protected_to_onprem(w: World) -> dict:
 
 
 FAILOVER = ("failover", "plan1", "--point", "latest", "--writes-stopped", "--timeout", "120")
+REPROTECT = ("reprotect", "app", "--master-target", "mt1", "--process-server", "ps-azure")
 
 
 def test_kill_9_mid_failover_then_the_rerun_completes(world):  # noqa: F811 - the journey's fixture
@@ -172,6 +174,17 @@ def test_kill_9_mid_failover_then_the_rerun_completes(world):  # noqa: F811 - th
     assert volumes(w, mt) == {"app-os"}  # app-data handed over, the failover unrecorded
     with Orchestrator(store, w.tls) as o:
         assert o.store.vm("app").phase == "failback-protected"
+
+    # 2b. reprotect instead of failover: refused, saying what happened and what to do
+    refused = cli(store, w.tls, *REPROTECT, "--json")
+    assert refused.returncode == 11 and "Traceback" not in refused.stderr, refused.stderr
+    error = json.loads(refused.stdout)["error"]
+    assert error["code"] == "orchestrator.failover_interrupted", error
+    assert "interrupted after releasing app-data" in error["message"]
+    assert "run failover again" in error["hint"] and "failover plan1" in error["hint"]
+    assert volumes(w, mt) == {"app-os"}  # nothing taken back
+    with Orchestrator(store, w.tls) as o:
+        assert {p.state for p in o.store.pairs("app")} == {"stopped"}  # nothing started
 
     # 3. the same command again: it finishes what is left
     job = completes(w, store, *FAILOVER)

@@ -12,6 +12,7 @@ import time
 import grpc
 import pytest
 
+from tests import ledger
 from tests.helpers import qemu_compare
 from tests.proxy import FaultProxy
 
@@ -28,6 +29,7 @@ def test_a_permanent_refusal_parks_the_session_and_stops_the_source(cluster):
     other.write_text("ab" * 32)
     other.chmod(0o600)
     mt = cluster.master_target(volume, passphrase_file=other)  # not the source's key
+    ledger.tried("network and device faults", "permanent refusal (another key)")
     ps = cluster.process_server(mt.port)
     began = time.monotonic()
     src = cluster.source(ps.port, source, deadline=120)
@@ -48,6 +50,7 @@ def test_a_permanent_refusal_parks_the_session_and_stops_the_source(cluster):
     refusals = mt.log.read_text().count("rpc refused")
     time.sleep(1.5)
     assert mt.log.read_text().count("rpc refused") == refusals
+    ledger.lost_nothing("network and device faults")  # every frame still spooled
 
 
 def test_a_full_spool_pushes_the_source_back_and_loses_nothing(cluster):
@@ -63,6 +66,7 @@ def test_a_full_spool_pushes_the_source_back_and_loses_nothing(cluster):
         src = cluster.source(to_ps.port, source, deadline=120)
         cluster.wait_for(lambda: to_ps.bytes_up > MiB, 30, "frames to flow")
         to_mt.stall(True)  # the master target stops answering: nothing gets persisted
+        ledger.tried("network and device faults", "spool at its limit (MT stalled)")
         at_stall = to_ps.bytes_up
         largest, sent = _watch_backpressure(cluster, to_ps, settle=1.5, timeout=30)
         assert src.poll() is None, cluster.source_log()  # pushed back, not failed
@@ -75,11 +79,13 @@ def test_a_full_spool_pushes_the_source_back_and_loses_nothing(cluster):
         to_mt.stall(False)
         assert src.wait(timeout=90) == 0, cluster.source_log()
     finally:
+        ledger.wire(to_ps)
         to_ps.close()
         to_mt.close()
     cluster.stop()
     cmp = qemu_compare(source, volume, "vmdk")
     assert cmp.returncode == 0, cmp.stdout
+    ledger.lost_nothing("network and device faults")
 
 
 def _watch_backpressure(cluster, to_ps: FaultProxy, *, settle: float, timeout: float):

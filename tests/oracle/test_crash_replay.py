@@ -82,6 +82,7 @@ from replication.errors import ReplicationError
 from replication.hashmap import HashMap
 from replication.journal import Journal
 from replication.manifest import ManifestStore
+from tests import ledger
 from tests.helpers import MiB, qemu_compare, require, write_raw
 
 GRAIN = 65536
@@ -684,6 +685,8 @@ def run_vmdk_replay(
             paths = trace.write_out(state, crash_dir)
             is_deep = state.kind == "prefix" and state.t in deep
             checker.check(paths[os.path.realpath(volume)], state, deep=is_deep)
+    ledger.tried("crash states replayed", "vmdk writer", checker.checked)
+    ledger.lost_nothing("crash states replayed")  # every state checked old-or-new above
     return checker
 
 
@@ -910,6 +913,8 @@ def run_journal_replay(tmp_path: Path, mp: pytest.MonkeyPatch, reorderings: int,
             trace.write_out(state, crash_dir)
             check_journal_state(trace, state, crash_dir, run, seed)
             checked += 1
+    ledger.tried("crash states replayed", "journal", checked)
+    ledger.lost_nothing("crash states replayed")  # every state reopened and restored above
     return checked, trace, run
 
 

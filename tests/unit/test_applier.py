@@ -313,8 +313,11 @@ def test_failed_flush_records_nothing_and_asks_for_a_resend(registry, applier, m
 
 @pytest.mark.parametrize("volume", ["raw1", "vm1"])
 @pytest.mark.parametrize("covered", [SIZE, SIZE - 5 * BS - 1000])
-def test_hash_map_chunks_concatenate_to_the_hash_map(registry, applier, volume, covered):
+@pytest.mark.parametrize("window", [None, 14])  # 14: hashed two chunks of 7 at a time
+def test_hash_map_chunks_concatenate_to_the_hash_map(registry, applier, volume, covered, window):
     write_behind(registry, volume, 3 * BS, os.urandom(5 * BS))
+    if window is not None:
+        applier.map_window_blocks = window
     chunks = list(applier.hash_map_chunks(volume, BS, covered, chunk_blocks=7))
     with open_disk(registry.path(volume)) as disk:
         expected = HashMap.compute(disk, BS, covered_size=covered)

@@ -6,6 +6,7 @@ import os
 import random
 import struct
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -291,6 +292,40 @@ def test_encode_into_matches_encode() -> None:
     with pytest.raises(UsageError, match="buffer"):
         b.encode_into(10, 0, bytes(100), bytearray(max_frame_size(100) - 1))
     assert b.last_seq == 3  # a refused call consumes no seq
+
+
+def test_encode_batch_matches_encode_one_by_one() -> None:
+    """Frames compressed on two pool threads are byte for byte those of encode()."""
+    salt = os.urandom(16)
+    a = FrameEncoder(SECRET, DISK, salt=salt)
+    b = FrameEncoder(SECRET, DISK, salt=salt)
+    _, dec = make_pair()
+    kinds = ["zeros", "random", "text", "mix"] * 3
+    items = [(seq + 1, seq << 20, data_of(kind, 1 << 20, seq)) for seq, kind in enumerate(kinds)]
+    with ThreadPoolExecutor(2) as pool:
+        batch = b.encode_batch(items[:5], pool.map) + b.encode_batch(items[5:], pool.map)
+    assert batch == [a.encode(*item) for item in items]
+    assert [dec.decode(f).data for f in batch] == [data for _, _, data in items]
+    assert {dec.decode(f).seq for f in batch} == set(range(1, len(items) + 1))
+    assert b.last_seq == len(items)
+
+
+def test_encode_batch_refuses_a_seq_before_compressing_anything() -> None:
+    enc = FrameEncoder(SECRET, DISK)
+    calls = []
+
+    def run(fn, items):  # a pool's map that records whether it was reached
+        calls.append(len(items))
+        return map(fn, items)
+
+    enc.encode(5, 0, b"a")
+    with pytest.raises(FrameSequenceError):
+        enc.encode_batch([(6, 0, b"b"), (6, 0, b"c")], run)
+    assert calls == []
+    # the seq checked before the refused one is consumed: never sealed twice
+    with pytest.raises(FrameSequenceError):
+        enc.encode(6, 0, b"b")
+    assert len(enc.encode_batch([(7, 0, b"d"), (8, 0, b"e")], run)) == 2 and calls == [2]
 
 
 def test_encoder_arguments() -> None:

@@ -276,8 +276,33 @@ def test_an_unreachable_master_target_stays_unavailable_and_says_who():
     context = Context()
     with pytest.raises(Aborted):
         relay_failure(context, RpcFailure(grpc.StatusCode.UNAVAILABLE, "connection refused"))
-    assert context.metadata == ()  # no code: the source retries
+    # the relay's own retryable code: the source retries, and never mistakes a TLS
+    # failure of this hop for a refusal of its own certificate
+    assert context.metadata == ((ERROR_CODE_METADATA, "relay.target_unreachable"),)
     assert context.status == (
         grpc.StatusCode.UNAVAILABLE,
         "master target: UNAVAILABLE: connection refused",
     )
+
+
+def test_another_status_without_a_code_goes_as_it_came():
+    context = Context()
+    with pytest.raises(Aborted):
+        relay_failure(context, RpcFailure(grpc.StatusCode.UNKNOWN, "Exception iterating"))
+    assert context.metadata == ()  # not an outage: the source does not retry it
+    assert context.status == (
+        grpc.StatusCode.UNKNOWN,
+        "master target: UNKNOWN: Exception iterating",
+    )
+
+
+def test_a_typed_error_of_the_relays_own_channel_reaches_the_source_with_its_code():
+    from replication.errors import ServerRoleError
+
+    context = Context()
+    with pytest.raises(Aborted):
+        relay_failure(context, ServerRoleError("the server at 'localhost' is a source"))
+    assert context.metadata == ((ERROR_CODE_METADATA, "tls.server_role"),)
+    status, details = context.status  # type: ignore[misc]
+    assert status != grpc.StatusCode.UNKNOWN
+    assert details.startswith("[tls.server_role] process server -> master target: ")

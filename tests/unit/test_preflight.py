@@ -178,13 +178,13 @@ class FakeAgents:
     def __init__(self, role="master-target", fingerprint="aa" * 32, create_error=None):
         self._role, self._fp, self._error = role, fingerprint, create_error
 
-    def status(self, address, what):
+    def status(self, address, what, *, role):
         return wire.AgentInfo(self._role, "test", 1)
 
     def fingerprint(self, address):
         return self._fp
 
-    def client(self, address, timeout=None):
+    def client(self, address, timeout=None, *, role):
         def create_volume(name, size):
             if self._error:
                 raise self._error

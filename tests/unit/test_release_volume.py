@@ -233,7 +233,7 @@ class FakeAgents:
     def __init__(self, volumes: list[str] | None) -> None:
         self.volumes = volumes
 
-    def client(self, address: str, timeout: float | None = None):
+    def client(self, address: str, timeout: float | None = None, *, role: str):
         return self
 
     def list_volumes(self) -> list[wire.VolumeInfo]:

@@ -28,12 +28,16 @@ def orch(tmp_path):
 
 
 def started(o: Orchestrator, *pairs: tuple[str, str, str]) -> None:
+    """Record the pairs as a step does: started (resyncing), then seen ``state``."""
     o.store.record_started(
-        [Pair("web", d, "failback", "127.0.0.1:1", f"web-{d}", ps, "mt1", f"web-{d}", state=s)
-         for d, ps, s in pairs],
+        [Pair("web", d, "failback", "127.0.0.1:1", f"web-{d}", ps, "mt1", f"web-{d}")
+         for d, ps, _ in pairs],
         {},
         failback_groups=False,
     )  # fmt: skip
+    for d, _, state in pairs:
+        if state == "protected":
+            o.store.set_pair_state("web", d, "failback", state, event="wait")
 
 
 def test_the_least_loaded_process_server_of_the_site_is_chosen(orch):
@@ -41,7 +45,7 @@ def test_the_least_loaded_process_server_of_the_site_is_chosen(orch):
     started(orch, ("os", "ps1", "protected"))
     assert orch.least_loaded("process-server", "azure") == "ps2"
     started(orch, ("data", "ps2", "protected"))
-    orch.store.set_pair_state("web", "os", "failback", "stopped")  # no longer a load
+    orch.store.set_pair_state("web", "os", "failback", "stopped", event="stop")  # no more load
     assert orch.least_loaded("process-server", "azure") == "ps1"
     with pytest.raises(UsageError, match="no master-target registered at site 'azure'"):
         orch.least_loaded("master-target", "azure")
@@ -61,9 +65,14 @@ def test_moving_a_vm_commands_each_source_agent_and_records_it(orch, monkeypatch
         def move_pair(self, disk, address):
             calls.append((disk, address))
 
-    monkeypatch.setattr(orch.agents, "client", lambda address, timeout=None: FakeClient())
+    roles = []
+    monkeypatch.setattr(
+        orch.agents, "client", lambda address, timeout=None, *, role: roles.append(role) or client
+    )
+    client = FakeClient()
     moved = orch.move_pairs("web", "ps2")
     assert sorted(calls) == [("web-data", "127.0.0.3:9443"), ("web-os", "127.0.0.3:9443")]
+    assert roles == ["source", "source"]  # the agents beside the disks must prove it
     assert {p.process_server for p in moved} == {"ps2"}
     assert orch.least_loaded("process-server", "azure") == "ps1"
     with pytest.raises(UsageError, match="not a process server"):

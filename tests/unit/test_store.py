@@ -100,7 +100,7 @@ def test_reprotect_moves_vms_to_the_failback_group_and_its_plans(store):
     assert store.plan("plan1").groups == ("PG1", "PG1_Failback")
     assert store.plan_vms("plan1") == ["web"]
     assert store.vm("web").location == "original"
-    assert store.pairs("web")[0].state == "starting"
+    assert store.pairs("web")[0].state == "resyncing"  # a recorded pair starts resyncing
 
 
 def test_the_failover_record_is_one_transaction(store):

@@ -30,7 +30,7 @@ from replication.errors import (
     UnsupportedFormatError,
     UsageError,
 )
-from tests.helpers import MiB, realistic_bytes
+from tests.helpers import MiB, qemu_check, qemu_compare, qemu_map, realistic_bytes
 
 SECTOR = 512
 GRAIN = 65536
@@ -465,3 +465,54 @@ def test_writable_open_refuses_overlapping_grains(tmp_path: Path, target: str) -
     with pytest.raises(CorruptHeaderError):
         open_vmdk(str(path), writable=True)
     assert sha_files(tmp_path) == before
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_reused_grain_slots_hold_only_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Pending grains live in reused memory (grainbuf.py): nothing of an earlier grain
+    may show through, a grain written back to zeros is never allocated (D4), and
+    the file is the same whether grains are appended through O_DIRECT or not."""
+    from replication.disks.vmdk import allocate, grainbuf
+
+    if not direct:
+        monkeypatch.setattr(allocate, "open_direct", lambda fd: -1)
+    path = tmp_path / "d.vmdk"
+    size = 32 * MiB
+    expected = bytearray(size)
+    rng = random.Random(5)
+
+    def put(disk, offset: int, data: bytes) -> None:
+        disk.write(offset, data)
+        expected[offset : offset + len(data)] = data
+
+    with create_vmdk(str(path), size) as disk:
+        put(disk, 0, rng.randbytes(64 * GRAIN))  # fills slots with random bytes
+        disk.flush()  # ... which go back to the pool, warm and dirty
+        assert grainbuf.POOL.free_bytes() > 0
+        put(disk, 100 * GRAIN + 10, b"\x01" * 100)  # a new grain in a reused slot
+        put(disk, 101 * GRAIN - 7, b"\x02" * 14)  # the end of one grain, start of next
+        put(disk, 200 * GRAIN, rng.randbytes(GRAIN))
+        put(disk, 200 * GRAIN, bytes(GRAIN))  # written back to zeros while pending
+        put(disk, 201 * GRAIN, rng.randbytes(GRAIN))
+        disk.write_zeroes(201 * GRAIN, GRAIN)  # zeroed while pending
+        expected[201 * GRAIN : 202 * GRAIN] = bytes(GRAIN)
+        put(disk, 202 * GRAIN + GRAIN // 2, rng.randbytes(GRAIN))  # two half grains
+        assert disk.read(0, size) == expected  # pending grains read back from the slots
+        ext = disk.vmdk_extents[0]
+        disk.flush()
+        assert (ext.direct_fd >= 0) is direct  # the path this case is about was taken
+        assert disk.read(0, size) == expected
+    raw = tmp_path / "expected.raw"
+    raw.write_bytes(expected)
+    assert qemu_compare(raw, path, "vmdk").returncode == 0
+    assert qemu_check(path).returncode == 0
+    # 64 grains + 100, 101 + 202, 203; never 200 nor 201 (zeros)
+    allocated = {
+        (e["start"] // GRAIN) + i
+        for e in qemu_map(path, "vmdk")
+        if e["data"] and e["depth"] == 0
+        for i in range(e["length"] // GRAIN)
+    }
+    assert allocated == set(range(64)) | {100, 101, 202, 203}

@@ -6,7 +6,8 @@ Order of a batch (oracles.md 2.7; VirtualBox's vmdkAllocGrain does the same):
 2. missing grain tables: zeroed GTs and RGTs are appended, **fsync**, then the GD and
    RGD entries are set, **fsync** (a crash in between leaves only unused sectors);
 3. new grains (whole grains: new data, zeros elsewhere) are appended at
-   ``round_up(EOF, grain)`` with one ``pwritev``, **fsync**;
+   ``round_up(EOF, grain)`` with one ``pwritev`` (``O_DIRECT`` from reused slots
+   where the file system allows it, grainbuf.py), **fsync**;
 4. their entries are written to the primary GTs, then to the redundant GTs (one
    write per table each), **fsync**.
 
@@ -22,6 +23,7 @@ import numpy as np
 from ...faults import crash_point
 from ..base import zero_buffer
 from .extent import fsync, pwrite_full, pwritev_full
+from .grainbuf import GrainSlots, open_direct, write_direct
 from .header import SECTOR
 from .sparse import DATA, SparseExtent
 
@@ -51,7 +53,8 @@ def zero_sparse(ext: SparseExtent, offset: int, length: int) -> None:
         buf = ext.pending.get(g)
         if buf is not None:  # a new grain not yet on disk
             lo, hi = max(offset, g * gb), min(end, (g + 1) * gb)
-            buf[lo - g * gb : hi - g * gb] = bytes(hi - lo)
+            buf[lo - g * gb : hi - g * gb] = zero_buffer(hi - lo)
+            ext.maybe_zero.add(g)
     for kind, g, count, sector in ext.runs(offset // gb, -(-end // gb)):
         if kind != DATA:
             continue  # unallocated and zeroed grains already read as zeros (no parent)
@@ -64,6 +67,8 @@ def zero_sparse(ext: SparseExtent, offset: int, length: int) -> None:
 
 
 def _is_zero(buf: memoryview | bytearray) -> bool:
+    if buf[0] or buf[-1]:  # data usually shows at either end: no scan (len >= 1 here)
+        return False
     dtype = np.uint64 if len(buf) % 8 == 0 else np.uint8  # wide words are faster
     return not np.frombuffer(buf, dtype=dtype).any()
 
@@ -89,7 +94,9 @@ def _write_batch(ext: SparseExtent, offset: int, view: memoryview) -> None:
         if buf is None:
             if _is_zero(piece):
                 continue  # zeros onto a hole or a zeroed grain: already reads as zeros
-            buf = ext.pending[g] = bytearray(gb)  # the rest is zeros (no parent)
+            buf = ext.pending[g] = _new_grain(ext, lo - g * gb, hi - g * gb)
+        else:  # a grain written again may now be all zeros: checked at the flush
+            ext.maybe_zero.add(g)
         buf[lo - g * gb : hi - g * gb] = piece
     for file_pos, a, b in inplace:
         pwrite_full(ext.fd, view[a:b], file_pos, ext.path)
@@ -98,18 +105,38 @@ def _write_batch(ext: SparseExtent, offset: int, view: memoryview) -> None:
         flush_pending(ext)
 
 
+def _new_grain(ext: SparseExtent, a: int, b: int) -> memoryview:
+    """A pending grain whose bytes ``[a, b)`` the caller fills; the rest reads as zeros."""
+    if ext.slots is None:
+        ext.slots = GrainSlots(ext.grain_bytes)
+    buf = ext.slots.take()  # reused memory: clear what the write does not cover
+    if a:
+        buf[:a] = zero_buffer(a)
+    if b < len(buf):
+        buf[b:] = zero_buffer(len(buf) - b)
+    return buf
+
+
 def flush_pending(ext: SparseExtent) -> None:
-    """Allocate every pending new grain in one batch (all-zero ones are dropped)."""
+    """Allocate every pending new grain in one batch (all-zero ones are dropped).
+
+    A grain was non-zero when it became pending (its first piece was checked);
+    only one written again or zeroed since (``maybe_zero``) is scanned again.
+    """
     if not ext.pending:
         return
+    maybe = ext.maybe_zero
     new = [
-        (g, memoryview(buf))
+        (g, buf)
         for g, buf in sorted(ext.pending.items())
-        if not _is_zero(buf) and ext.tables.get(g) <= 1
+        if not (g in maybe and _is_zero(buf)) and ext.tables.get(g) <= 1
     ]
     if new:
-        _allocate_grains(ext, new)
+        _allocate_grains(ext, new)  # on failure the grains stay pending, as before
     ext.pending.clear()
+    maybe.clear()
+    if ext.slots is not None:
+        ext.slots.release()  # on disk now: the next batch reuses the memory
 
 
 def _allocate_grains(ext: SparseExtent, new: list[tuple[int, memoryview]]) -> None:
@@ -119,7 +146,7 @@ def _allocate_grains(ext: SparseExtent, new: list[tuple[int, memoryview]]) -> No
     if missing:
         _allocate_tables(ext, missing)
     start = _round_up(ext.file_size, ext.grain_bytes)
-    pwritev_full(ext.fd, [buf for _, buf in new], start, ext.path)
+    _append(ext, [buf for _, buf in new], start)
     ext.file_size = start + len(new) * ext.grain_bytes
     fsync(ext.fd, ext.path)
     crash_point("vmdk.grains_written")
@@ -135,6 +162,17 @@ def _allocate_grains(ext: SparseExtent, new: list[tuple[int, memoryview]]) -> No
             entries = ext.tables.row(t)[lo:hi].astype("<u4").tobytes()
             pwrite_full(ext.fd, entries, int(directory[t]) * SECTOR + lo * 4, ext.path)
     fsync(ext.fd, ext.path)
+
+
+def _append(ext: SparseExtent, bufs: list[memoryview], start: int) -> None:
+    """Append new grains: O_DIRECT (no page-cache copy) where allowed, else buffered."""
+    if ext.direct_fd == -2:  # not tried yet
+        ext.direct_fd = open_direct(ext.fd)
+    if ext.direct_fd >= 0:
+        if write_direct(ext.direct_fd, bufs, start, ext.path):
+            return
+        ext.close_direct()  # refused (alignment, file system): buffered from now on
+    pwritev_full(ext.fd, bufs, start, ext.path)  # the same bytes again, if any were written
 
 
 def _allocate_tables(ext: SparseExtent, tables: list[int]) -> None:

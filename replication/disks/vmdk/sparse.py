@@ -29,6 +29,7 @@ from .extent import (
     pwrite_full,
     zero_fill,
 )
+from .grainbuf import GrainSlots
 from .header import GD_AT_END, SECTOR, UNCLEAN_SHUTDOWN_OFFSET, SparseHeader
 from .tables import GrainTables
 
@@ -75,9 +76,12 @@ class SparseExtent(VmdkExtent):
         self.tables = GrainTables(header.num_gtes_per_gt, header.grains, 0, 0)
         self.session_open = False  # uncleanShutdown set on disk
         self.hole_is_zero = True  # False for a child: holes read the parent
-        # new grains written but not yet allocated (see allocate.py); only the single
-        # writer changes it, readers take references (dict lookups are atomic)
-        self.pending: dict[int, bytearray] = {}
+        # new grains written but not yet allocated (see allocate.py): slots of reused
+        # memory (grainbuf.py), so only the single writer reads or changes them
+        self.pending: dict[int, memoryview] = {}
+        self.maybe_zero: set[int] = set()  # pending grains to scan again at the flush
+        self.slots: GrainSlots | None = None
+        self.direct_fd = -2  # O_DIRECT descriptor for appends; -2 not opened, -1 none
         self._stream = None
         if header.compressed:
             from .stream import CompressedGrains
@@ -355,6 +359,18 @@ class SparseExtent(VmdkExtent):
             fsync(self.fd, self.path)
             self.session_open = False
         self.dirty = False
+
+    def close_direct(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+        self.direct_fd = -1
+
+    def close(self) -> None:
+        self.close_direct()
+        if self.slots is not None:  # grains never flushed are dropped with the handle
+            self.pending.clear()
+            self.slots.release()
+        super().close()
 
     def _set_unclean(self, value: int) -> None:
         from .extent import pwrite_full
