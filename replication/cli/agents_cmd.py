@@ -36,7 +36,11 @@ def _master_target(sub) -> None:
     )
     p.add_argument("--datastore", type=Path, help="where CreateVolume makes new VMDKs")
     p.add_argument(
-        "--volume", action="append", metavar="NAME=PATH", help="register a volume (repeatable)"
+        "--volume",
+        action="append",
+        metavar="NAME=PATH",
+        help="register a volume (repeatable); PATH may be a page blob "
+        "(pageblob+https://ACCOUNT.blob.core.windows.net/C/B or pageblob:C/B, docs/pageblob.md)",
     )
     p.add_argument("--passphrase-file", type=Path, help="frame key (default TLS_DIR/passphrase)")
     p.add_argument("--retention", help="how far back recovery points reach (default 24h)")
