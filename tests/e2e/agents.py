@@ -82,8 +82,15 @@ def start(
 
 
 def restart(agent: Agent, port: int) -> Agent:
-    """Start the same agent again on the same port (after a kill)."""
-    args = [a if not a.endswith(":0") else a[:-2] + f":{port}" for a in agent.args]
+    """Start the same agent again on the same port (after a kill).
+
+    Only ``--listen`` gets the old port; other ``:0`` addresses (metrics, control)
+    take a fresh port again, as they did the first time.
+    """
+    args = list(agent.args)
+    at = args.index("--listen") + 1 if "--listen" in args else None
+    if at is not None and args[at].endswith(":0"):
+        args[at] = args[at][:-2] + f":{port}"
     return start(args, agent.log)
 
 
