@@ -6,9 +6,8 @@ each time such a mapping is freed it raises that threshold to the freed size (it
 buffers (16 MiB each, see :data:`replication.hashmap.WINDOW_BLOCKS`) come from the
 heap arena of whichever thread allocates them and often stay there once freed: an
 agent's resident size then grows with how many windows and threads went by, not with
-its configuration (a 2 TiB resync was seen at 145 MiB in one run and 323 MiB in
-another; a model of it, four threads of 16 MiB windows: 196 MiB against 68 MiB with
-the threshold fixed).
+its configuration (a model of it, four threads of 16 MiB windows, peaks at 196 MiB
+against 68 MiB with the threshold fixed: tests/unit/test_heap.py).
 
 Fixing the threshold with ``mallopt(M_MMAP_THRESHOLD, ...)`` also turns the dynamic
 adjustment off: every buffer of :data:`MMAP_THRESHOLD` or more is then its own

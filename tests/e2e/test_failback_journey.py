@@ -768,3 +768,26 @@ def test_kill_9_of_the_orchestrator_mid_reprotect_then_the_rerun_completes(refus
     assert json.loads(again.stdout)["job"]["state"] == "succeeded"
     assert time.monotonic() - started < 60
     assert qemu_same(site.azure["kill-os"], "raw", site.vmdks["kill-os"], "vmdk")
+
+
+def reverse_site(w, volumes: dict[str, str], disks: dict[str, Path], *source_flags: str) -> dict:
+    """The Azure-side master target owning ``volumes``; the on-prem process server, a
+    proxy before it, and an idle source agent beside the VMDKs (as the journey's step 3),
+    started with ``source_flags`` too."""
+    mt = w.agent(
+        "master-target", "--data-dir", str(w.root / "mt-azure"),
+        *[a for n, spec in volumes.items() for a in ("--volume", f"{n}={spec}")],
+        log="mt-azure.log",
+    )  # fmt: skip
+    ps = w.agent(
+        "process-server", "--master-target", f"127.0.0.1:{mt.port}",
+        "--spool-dir", str(w.root / "spool1"), log="ps1.log",
+    )  # fmt: skip
+    proxy = w.proxy(ps.port)
+    src = w.agent(
+        "source-agent", "--process-server", f"127.0.0.1:{proxy.port}",
+        *[a for n, p in disks.items() for a in ("--disk", f"{n}={p}")],
+        "--control-listen", "127.0.0.1:0", "--idle", "--rescan-interval", "600",
+        *source_flags, log="onprem-source.log",
+    )  # fmt: skip
+    return {"mt": mt, "ps": ps, "proxy": proxy, "src": src}

@@ -43,6 +43,7 @@ from tests.e2e.test_failback_journey import (
     make_vmdk,
     qemu_same,
     read_disk,
+    reverse_site,
     wait_for,
     world,  # noqa: F401 - the fixture (used by name below)
     write_blocks,
@@ -211,23 +212,13 @@ def test_kill_9_mid_reverse_reprotect_then_the_rerun_completes(world):  # noqa: 
         write_blocks(
             d["vmdk"], {i: rng.randbytes(BLOCK) for i in rng.sample(range(SIZE // BLOCK), 32)}
         )
-    azure_mt = w.agent(
-        "master-target", "--data-dir", str(w.root / "mt-azure"),
-        *[a for n, d in disks.items() for a in ("--volume", f"app-{n}={d['vhd']}")],
-        log="mt-azure.log",
-    )  # fmt: skip
-    ps1 = w.agent(
-        "process-server", "--master-target", f"127.0.0.1:{azure_mt.port}",
-        "--spool-dir", str(w.root / "spool1"), log="ps1.log",
-    )  # fmt: skip
-    proxy = w.proxy(ps1.port)
-    onprem = w.agent(
-        "source-agent", "--process-server", f"127.0.0.1:{proxy.port}",
-        *[a for n, d in disks.items() for a in ("--disk", f"app-{n}={d['vmdk']}")],
-        "--control-listen", "127.0.0.1:0", "--idle", "--rescan-interval", "600",
+    reverse = reverse_site(
+        w,
+        {f"app-{n}": str(d["vhd"]) for n, d in disks.items()},
+        {f"app-{n}": d["vmdk"] for n, d in disks.items()},
         "--bandwidth-limit", "1M/s",
-        log="onprem-source.log",
     )  # fmt: skip
+    azure_mt, ps1, proxy, onprem = (reverse[k] for k in ("mt", "ps", "proxy", "src"))
     with Orchestrator(store, w.tls) as o:
         o.register_server("mt-azure", "master-target", f"127.0.0.1:{azure_mt.port}", site="azure")
         o.register_server("ps1", "process-server", f"127.0.0.1:{ps1.port}", site="on-prem")

@@ -41,6 +41,7 @@ from tests.e2e.test_failback_journey import (
     make_vmdk,
     qemu_same,
     read_disk,
+    reverse_site,
     world,
     write_blocks,
 )
@@ -168,28 +169,6 @@ def test_the_map_cache_names_a_blob_by_its_url_whatever_the_spec(
 
 
 # -- through the orchestrator --------------------------------------------------------------
-
-
-def reverse_site(w, volumes: dict[str, str], disks: dict[str, Path]) -> dict:
-    """The Azure-side master target owning ``volumes``; the on-prem process server, a
-    proxy before it, and an idle source agent beside the VMDKs (as the journey's step 3)."""
-    mt = w.agent(
-        "master-target", "--data-dir", str(w.root / "mt-azure"),
-        *[a for n, spec in volumes.items() for a in ("--volume", f"{n}={spec}")],
-        log="mt-azure.log",
-    )  # fmt: skip
-    ps = w.agent(
-        "process-server", "--master-target", f"127.0.0.1:{mt.port}",
-        "--spool-dir", str(w.root / "spool1"), log="ps1.log",
-    )  # fmt: skip
-    proxy = w.proxy(ps.port)
-    src = w.agent(
-        "source-agent", "--process-server", f"127.0.0.1:{proxy.port}",
-        *[a for n, p in disks.items() for a in ("--disk", f"{n}={p}")],
-        "--control-listen", "127.0.0.1:0", "--idle", "--rescan-interval", "600",
-        log="onprem-source.log",
-    )  # fmt: skip
-    return {"mt": mt, "ps": ps, "proxy": proxy, "src": src}
 
 
 def failed_back_vm(o: Orchestrator, site: dict, vm: str, vmdk: Path, azure_path: str, **disk):
